@@ -1,0 +1,27 @@
+# One virtual environment for everything; torch is pinned to the build this machine has on disk
+# (pyproject keeps loose ranges for users elsewhere).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+TORCH_PINS = torch==2.14.1 torchvision==0.29.1
+OUT ?= out/demo
+
+.PHONY: venv demo test clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_PINS)
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]' $(TORCH_PINS)
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/fillup-data build recipes/demo.yaml --out $(OUT)
+	$(VENV)/bin/fillup-data inspect $(OUT)
+
+test: venv
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,197 @@
+"""Stage 2, plan: how many synthetic images each class gets, their seeds and token checkpoints,
+and a deterministic class-mixed assignment of every sample to a shard.
+
+Everything here is a pure function of the recipe and the index, so a relaunched build (or another
+machine) computes the same plan and the same shard contents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fillup_data.index import SourceIndex
+from fillup_data.recipe import GroupsConfig, Recipe
+from fillup_data.sources import SourceItem
+
+GROUPS = ("many", "medium", "few")
+_ORIGIN_CODE = {"real": 0, "synthetic": 1}
+_SPLIT_CODE = {"train": 0, "test": 1}
+
+
+def group_of(real_count: int, groups: GroupsConfig) -> str:
+    """Paper 4.2: many > 100, medium 20-100, few < 20 real training images (thresholds configurable)."""
+    if real_count > groups.many_above:
+        return "many"
+    if real_count < groups.few_below:
+        return "few"
+    return "medium"
+
+
+def synthetic_counts(real: list[int], policy: str, target: int | None) -> list[int]:
+    """Fill policies of the paper's figure 4."""
+    if policy == "fill_to":
+        return [max(0, int(target) - n) for n in real]
+    if policy == "addon":
+        return [int(target) for _ in real]
+    if policy == "fill_to_max":
+        top = max(real, default=0)
+        return [top - n for n in real]
+    raise ValueError(f"unknown fill policy {policy!r}")
+
+
+def sample_seed(recipe_seed: int, class_index: int, ordinal: int) -> int:
+    """A stable 31-bit seed per synthetic sample, independent of shard layout and batch size."""
+    digest = hashlib.blake2b(f"fillup/{recipe_seed}/{class_index}/{ordinal}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+def sample_key(split: str, origin: str, class_index: int, ordinal: int) -> str:
+    # webdataset ends a key at the first dot: none here
+    return f"{split}-{origin}-{class_index:05d}-{ordinal:06d}"
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    index: int
+    name: str
+    real: int
+    test: int
+    synthetic: int
+    group: str
+    token_steps: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return self.real + self.synthetic
+
+
+@dataclass(frozen=True)
+class RealSample:
+    key: str
+    item: SourceItem
+
+
+@dataclass(frozen=True)
+class SyntheticSample:
+    key: str
+    class_index: int
+    ordinal: int
+    seed: int
+    token_step: int  # -1 where the strategy uses no learned token
+
+
+@dataclass
+class ShardPlan:
+    split: str
+    origin: str
+    index: int
+    samples: list = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.origin}-{self.index:05d}"
+
+    @property
+    def path(self) -> str:
+        return f"data/{self.name}.tar"
+
+
+@dataclass
+class Plan:
+    classes: list[ClassPlan]
+    shards: list[ShardPlan]
+    strategy: str
+
+    @property
+    def imbalance_factor(self) -> float:
+        real = [c.real for c in self.classes]
+        return max(real) / min(real) if real and min(real) > 0 else float("inf")
+
+    @property
+    def num_synthetic(self) -> int:
+        return sum(c.synthetic for c in self.classes)
+
+    def group_table(self) -> list[dict]:
+        rows = []
+        for g in GROUPS + ("all",):
+            cs = [c for c in self.classes if g == "all" or c.group == g]
+            rows.append(
+                {"group": g, "classes": len(cs), "real": sum(c.real for c in cs),
+                 "synthetic": sum(c.synthetic for c in cs), "total": sum(c.total for c in cs),
+                 "test": sum(c.test for c in cs)}
+            )
+        return rows
+
+    def shards_of(self, split: str, origin: str) -> list[ShardPlan]:
+        return [s for s in self.shards if s.split == split and s.origin == origin]
+
+
+def _cut(samples: list, split: str, origin: str, seed: int, max_samples: int, multiple: int) -> list[ShardPlan]:
+    """Global seeded permutation cut into near-equal shards, so every shard mixes classes."""
+    n = len(samples)
+    if n == 0:
+        return []
+    count = math.ceil(n / max_samples)
+    count = min(n, math.ceil(count / multiple) * multiple)
+    order = np.random.default_rng([seed, 7, _SPLIT_CODE[split], _ORIGIN_CODE[origin]]).permutation(n)
+    shards = []
+    for j in range(count):
+        lo, hi = j * n // count, (j + 1) * n // count
+        shards.append(ShardPlan(split, origin, j, [samples[i] for i in order[lo:hi]]))
+    return shards
+
+
+def make_plan(recipe: Recipe, index: SourceIndex) -> Plan:
+    real = index.counts("train")
+    test = index.counts("test") if "test" in index.items else [0] * len(real)
+    strategy = recipe.generator.strategy
+    if strategy == "none":
+        synth = [0] * len(real)
+    else:
+        synth = synthetic_counts(real, recipe.fill.policy, recipe.fill.target)
+    classes = []
+    for c, name in enumerate(index.class_names):
+        steps = tuple(recipe.inversion.checkpoint_steps(real[c])) if strategy == "textual_inversion" else ()
+        classes.append(ClassPlan(c, name, real[c], test[c], synth[c], group_of(real[c], recipe.groups), steps))
+
+    shards: list[ShardPlan] = []
+    sc = recipe.shards
+    for split in ("train", "test"):
+        if split not in index.items:
+            continue
+        ordinal: dict[int, int] = {}
+        reals = []
+        for it in index.items[split]:
+            k = ordinal.get(it.label, 0)
+            ordinal[it.label] = k + 1
+            reals.append(RealSample(sample_key(split, "real", it.label, k), it))
+        shards += _cut(reals, split, "real", recipe.seed, sc.max_samples, sc.num_shards_multiple_of)
+
+    synthetic = []
+    for cp in classes:
+        for k in range(cp.synthetic):
+            # paper B.3: all checkpoints are used, evenly (round-robin over the class's samples)
+            step = cp.token_steps[k % len(cp.token_steps)] if cp.token_steps else -1
+            synthetic.append(
+                SyntheticSample(sample_key("train", "synthetic", cp.index, k), cp.index, k,
+                                sample_seed(recipe.seed, cp.index, k), step)
+            )
+    shards += _cut(synthetic, "train", "synthetic", recipe.seed, sc.max_samples, sc.num_shards_multiple_of)
+    return Plan(classes, shards, strategy)
+
+
+def format_group_table(plan: Plan) -> str:
+    rows = plan.group_table()
+    head = f"{'group':<8}{'classes':>9}{'real':>11}{'synthetic':>12}{'total':>11}{'test':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["group"] == "all":
+            lines.append("-" * len(head))
+        lines.append(
+            f"{r['group']:<8}{r['classes']:>9}{r['real']:>11,}{r['synthetic']:>12,}{r['total']:>11,}{r['test']:>9,}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,335 @@
+"""Recipe schema, loading, overrides and fingerprint.
+
+A recipe is YAML validated by pydantic: unknown keys, wrong types and out-of-range values are
+errors that name the field path, the bad value and what is allowed.  Strings may use
+``${VAR}`` or ``${VAR:-default}``; ``--set key.path=value`` overrides any field (the value is
+parsed as a YAML scalar, so numbers and booleans keep their types).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fillup_data import __version__
+from fillup_data.errors import RecipeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- sources
+class _SourceCommon(_Strict):
+    imbalance_factor: float | None = Field(
+        None, ge=1.0, description="CIFAR-LT construction: n_i = floor(n_max * (1/IF)^(i/(C-1)))"
+    )
+    imbalance_max: int | None = Field(
+        None, ge=1, description="n_max for the CIFAR-LT construction (default: the smallest class)"
+    )
+
+
+class SplitFileSource(_SourceCommon):
+    """ImageNet-LT / Places-LT / iNaturalist-2018 list files: ``relative/path.jpg label``."""
+
+    kind: Literal["split_file"]
+    root: str
+    train: str
+    test: str | None = None
+    class_names: str | None = None
+
+
+class ImageFolderSource(_SourceCommon):
+    """One folder per class, class index = sorted folder order (torchvision ImageFolder)."""
+
+    kind: Literal["image_folder"]
+    root: str
+    train: str = "train"
+    test: str | None = None
+
+
+class HFDatasetSource(_SourceCommon):
+    """A ``datasets`` dataset by local path or hub id."""
+
+    kind: Literal["hf_dataset"]
+    path: str
+    name: str | None = None
+    revision: str | None = None
+    train_split: str = "train"
+    test_split: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+
+
+class DemoSource(_SourceCommon):
+    """The embedded procedural long-tailed world (no downloads)."""
+
+    kind: Literal["demo"]
+    num_classes: int = Field(10, ge=10, le=48)
+    max_images: int = Field(100, ge=2)
+    min_images: int = Field(5, ge=1)
+    test_per_class: int = Field(20, ge=0)
+    image_size: int = Field(32, ge=16, le=512)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> "DemoSource":
+        if self.min_images > self.max_images:
+            raise ValueError(f"min_images ({self.min_images}) must be <= max_images ({self.max_images})")
+        return self
+
+
+SourceConfig = Annotated[
+    Union[SplitFileSource, ImageFolderSource, HFDatasetSource, DemoSource], Field(discriminator="kind")
+]
+
+
+# --------------------------------------------------------------------------- the rest
+class FillConfig(_Strict):
+    policy: Literal["fill_to", "addon", "fill_to_max"] = "fill_to"
+    target: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _target_needed(self) -> "FillConfig":
+        if self.policy in ("fill_to", "addon") and self.target is None:
+            raise ValueError(f"policy {self.policy!r} needs 'target' (an image count)")
+        if self.policy == "fill_to_max" and self.target is not None:
+            raise ValueError("policy 'fill_to_max' takes no 'target' (it fills to the largest class)")
+        return self
+
+
+class GroupsConfig(_Strict):
+    """Many/medium/few thresholds on real training counts (paper 4.2: >100, 20-100, <20)."""
+
+    many_above: int = Field(100, ge=0)
+    few_below: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "GroupsConfig":
+        if self.few_below > self.many_above + 1:
+            raise ValueError(f"few_below ({self.few_below}) must be <= many_above + 1 ({self.many_above + 1})")
+        return self
+
+
+class GeneratorConfig(_Strict):
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    strategy: Literal["none", "textual_inversion", "single_template"] = "textual_inversion"
+    prompt: str = "a photo of a {token}"
+    guidance_scale: float = Field(1.0, ge=0.0)
+    num_inference_steps: int = Field(50, ge=1, le=1000)
+    scheduler: Literal["ddim", "dpmpp_2m", "euler"] = "ddim"
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+    resolution: int = Field(512, ge=8)
+    batch_size: int = Field(8, ge=1)
+    safety_checker: bool = False
+    max_retries: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "GeneratorConfig":
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.strategy != "none" and not any(k in self.prompt for k in ("{token}", "{class_name}")):
+            raise ValueError("prompt must contain {token} or {class_name}")
+        return self
+
+
+class InversionConfig(_Strict):
+    """Textual Inversion settings; defaults are the paper's (appendix B.3)."""
+
+    num_vectors: int = Field(4, ge=1, le=75)
+    init_word: str = "object"
+    learning_rate: float = Field(5.0e-3, gt=0)
+    scale_lr: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(2, ge=1)
+    steps_per_image: int = Field(100, ge=1)
+    min_steps: int = Field(2000, ge=1)
+    max_steps: int = Field(10000, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    flip: bool = True
+    resolution: int | None = Field(None, ge=8)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+
+    @model_validator(mode="after")
+    def _checks(self) -> "InversionConfig":
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) must be <= max_steps ({self.max_steps})")
+        if self.checkpoint_every > self.min_steps:
+            raise ValueError(
+                f"checkpoint_every ({self.checkpoint_every}) must be <= min_steps ({self.min_steps})"
+            )
+        return self
+
+    def steps_for(self, n_images: int) -> int:
+        """Paper B.3: steps = min(max(100 * n_images, 2000), 10000)."""
+        return min(max(self.steps_per_image * n_images, self.min_steps), self.max_steps)
+
+    def checkpoint_steps(self, n_images: int) -> list[int]:
+        """Every ``checkpoint_every`` steps, and always the final step."""
+        total = self.steps_for(n_images)
+        steps = list(range(self.checkpoint_every, total + 1, self.checkpoint_every))
+        if not steps or steps[-1] != total:
+            steps.append(total)
+        return steps
+
+
+class ShardsConfig(_Strict):
+    image_format: Literal["jpg", "png", "webp"] = "jpg"
+    quality: int = Field(95, ge=1, le=100)
+    max_samples: int = Field(10000, ge=1)
+    resize_short_side: int | None = Field(None, ge=8)
+    num_shards_multiple_of: int = Field(
+        1, ge=1, description="pad the shard count to a multiple of this (streaming splits shards by rank)"
+    )
+
+
+class PublishConfig(_Strict):
+    include_real: bool = False
+    license: str = "other"
+    source_terms: str = ""
+    repo: str | None = None
+    private: bool = False
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field("0.1.0", pattern=r"^\d+\.\d+\.\d+([.-][0-9A-Za-z.-]+)?$")
+    parent_version: str | None = None
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    source: SourceConfig
+    fill: FillConfig = FillConfig(policy="fill_to_max")
+    groups: GroupsConfig = GroupsConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    inversion: InversionConfig = InversionConfig()
+    shards: ShardsConfig = ShardsConfig()
+    publish: PublishConfig = PublishConfig()
+
+    def resolved(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, path: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def repl(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise RecipeError(
+                f"{path}: environment variable {name} is not set (export {name}=... "
+                f"or write ${{{name}:-default}})"
+            )
+
+        return _ENV.sub(repl, value)
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides; values are YAML scalars (``1e-3``, ``true``, ``null``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise RecipeError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    lines = [f"{where}: the recipe is not valid:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _KIND_TAGS))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; the README's 'Recipes' section lists every field)"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown source kind; allowed: {', '.join(sorted(_KIND_TAGS))}"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
+        lines.append(f"  - {loc or '<top>'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+_KIND_TAGS = {"split_file", "image_folder", "hf_dataset", "demo"}
+
+
+def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe is a YAML mapping, got {type(data).__name__}")
+    data = _expand_env(data, "")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(err, where)) from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{p}: no such recipe file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{p}{line}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        data = {}
+    if overrides:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{p}: a recipe is a YAML mapping")
+        data = apply_overrides(data, list(overrides))
+    return parse_recipe(data, str(p))
+
+
+# Fields that do not change the bytes a build produces stay out of the fingerprint, so a build
+# moved to another data root or published elsewhere keeps its identity.
+_NOT_FINGERPRINTED = (("source", "root"), ("publish",))
+
+
+def fingerprint(recipe: Recipe, model_revision: str = "") -> str:
+    """sha256 of the resolved recipe + package version + model revision (contract)."""
+    data = recipe.resolved()
+    for path in _NOT_FINGERPRINTED:
+        node = data
+        for p in path[:-1]:
+            node = node.get(p, {})
+        node.pop(path[-1], None)
+    blob = json.dumps(
+        {"recipe": data, "package_version": __version__, "model_revision": model_revision},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,207 @@
+"""The dataset card (``README.md`` of a build): YAML configs + declared features, and a body.
+
+``datasets`` infers features from 5 samples of one tar unless they are declared, and a config
+without its own declaration gets ``cls`` as a plain int, so every config declares the same
+features (``dataset_info`` as a list with ``config_name``).  Only tars go into ``data_files``:
+the builder is picked by the most common extension, so tokens and JSON stay out.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from fillup_data.shards.writer import METADATA_KEYS
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Write every config's features out in full: anchors/aliases confuse some YAML readers."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+_JSON_DTYPES = {
+    "label": "int64",
+    "class_name": "string",
+    "is_synthetic": "bool",
+    "strategy": "string",
+    "prompt": "string",
+    "seed": "int64",
+    "token_step": "int64",
+    "guidance_scale": "float64",
+    "num_inference_steps": "int64",
+    "model": "string",
+    "source_path": "string",
+}
+
+PAPER_CITATION = """@article{shin2023fillup,
+  title   = {Fill-Up: Balancing Long-Tailed Data with Generative Models},
+  author  = {Shin, Joonghyuk and Kang, Minguk and Park, Jaesik},
+  journal = {arXiv preprint arXiv:2306.07200},
+  year    = {2023}
+}"""
+
+
+def features(manifest: dict) -> list[dict]:
+    ext = manifest["recipe"]["shards"]["image_format"]
+    names = {str(c["index"]): c["name"] for c in manifest["classes"]}
+    return [
+        {"name": "cls", "dtype": {"class_label": {"names": names}}},
+        {"name": ext, "dtype": "image"},
+        {"name": "json", "struct": [{"name": k, "dtype": _JSON_DTYPES[k]} for k in METADATA_KEYS]},
+        {"name": "__key__", "dtype": "string"},
+        {"name": "__url__", "dtype": "string"},
+    ]
+
+
+def _split_stats(shards: list[dict]) -> dict:
+    return {
+        "num_examples": sum(s["num_samples"] for s in shards),
+        "num_bytes": sum(s["num_bytes"] for s in shards),
+    }
+
+
+def card_configs(manifest: dict, include_real: bool = True) -> list[dict]:
+    """Configs over the shards this repo holds: default, real, synthetic (contract)."""
+    shards = manifest["shards"]
+
+    def pick(split, origin):
+        return [s for s in shards if s["split"] == split and s["origin"] == origin and (include_real or origin != "real")]
+
+    def pattern(split, origin):
+        return f"data/{split}-{origin}-*.tar"
+
+    train_real, train_syn, test_real = pick("train", "real"), pick("train", "synthetic"), pick("test", "real")
+    configs = []
+    default_train = [x for x, ok in ((pattern("train", "real"), train_real), (pattern("train", "synthetic"), train_syn)) if ok]
+    if default_train:
+        splits = [("train", default_train, train_real + train_syn)]
+        if test_real:
+            splits.append(("test", [pattern("test", "real")], test_real))
+        configs.append(("default", splits))
+    if train_real:
+        splits = [("train", [pattern("train", "real")], train_real)]
+        if test_real:
+            splits.append(("test", [pattern("test", "real")], test_real))
+        configs.append(("real", splits))
+    if train_syn:
+        configs.append(("synthetic", [("train", [pattern("train", "synthetic")], train_syn)]))
+    out = []
+    for name, splits in configs:
+        out.append(
+            {
+                "config_name": name,
+                "data_files": [{"split": s, "path": paths if len(paths) > 1 else paths[0]} for s, paths, _ in splits],
+                "splits": [{"name": s, **_split_stats(sh)} for s, _, sh in splits],
+            }
+        )
+    return out
+
+
+def _size_category(n: int) -> str:
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                         (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M")):
+        if n < limit:
+            return label
+    return "100M<n<1B"
+
+
+def card_metadata(manifest: dict, include_real: bool = True) -> dict:
+    recipe = manifest["recipe"]
+    configs = card_configs(manifest, include_real)
+    feats = features(manifest)
+    total = sum(s["num_samples"] for s in manifest["shards"] if include_real or s["origin"] != "real")
+    license_ = recipe["publish"]["license"]
+    return {
+        "pretty_name": manifest["name"],
+        "license": license_,
+        "task_categories": ["image-classification"],
+        "size_categories": [_size_category(total)],
+        "annotations_creators": ["machine-generated"],
+        "source_datasets": [manifest.get("source_dataset", recipe["source"]["kind"])],
+        "tags": ["webdataset", "synthetic", "long-tailed", "fill-up", "textual-inversion"],
+        "configs": [{"config_name": c["config_name"], "data_files": c["data_files"]} for c in configs],
+        "dataset_info": [
+            {"config_name": c["config_name"], "features": feats, "splits": c["splits"]} for c in configs
+        ],
+    }
+
+
+def _group_table(manifest: dict) -> str:
+    rows = ["| group | classes | real | synthetic | total | test |", "|---|---:|---:|---:|---:|---:|"]
+    for g in ("many", "medium", "few", "all"):
+        cs = [c for c in manifest["classes"] if g == "all" or c["group"] == g]
+        real, syn, test = (sum(c[k] for c in cs) for k in ("real", "synthetic", "test"))
+        rows.append(f"| {g} | {len(cs)} | {real:,} | {syn:,} | {real + syn:,} | {test:,} |")
+    return "\n".join(rows)
+
+
+def render_card(manifest: dict, include_real: bool = True, repo_id: str | None = None, body_extra: str = "") -> str:
+    meta = card_metadata(manifest, include_real)
+    recipe = manifest["recipe"]
+    gen = recipe["generator"]
+    name = manifest["name"]
+    target = repo_id or "path/to/" + name
+    version = manifest["version"]
+    has_real = any(s["origin"] == "real" for s in manifest["shards"]) and include_real
+    has_syn = any(s["origin"] == "synthetic" for s in manifest["shards"])
+    ext = recipe["shards"]["image_format"]
+    default_note = ""
+    if not include_real and has_syn:
+        default_note = (
+            "\n**Real images are not included in this repository** (their licence does not allow redistribution): "
+            "the `default` config is the synthetic train split only. Build the real shards locally with "
+            "`fillup-data build RECIPE --set generator.strategy=none --out real-build` from the same recipe and combine "
+            "them with this repository through `fillup_data.loader` (local real + Hub synthetic).\n"
+        )
+    yaml_text = yaml.dump(meta, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True, width=120)
+    body = f"""# {name}
+
+A long-tailed image dataset balanced with synthetic images by the **Fill-Up** method
+(Textual Inversion per class on a frozen text-to-image model, then generation), built with
+fillup-data version {manifest.get('package_version', '')}.
+
+- version: `{version}`, fingerprint `{manifest['fingerprint'][:16]}`
+- source: `{recipe['source']['kind']}`, {len(manifest['classes'])} classes, imbalance factor {manifest.get('imbalance_factor', 'n/a')}
+- fill policy: `{recipe['fill']['policy']}` {recipe['fill'].get('target') or ''}
+- generator: `{gen['model']}` ({gen['strategy']}), prompt `{gen['prompt']}`, guidance {gen['guidance_scale']},
+  {gen['num_inference_steps']} {gen['scheduler']} steps, {gen['resolution']} px
+{default_note}
+## Counts by group (real training images: many > {recipe['groups']['many_above']}, few < {recipe['groups']['few_below']})
+
+{_group_table(manifest)}
+
+## Configs
+
+- `default`: {"real + synthetic train, real test" if has_real and has_syn else ("synthetic train" if has_syn else "real train and test")}
+- `real`: real images only{"" if has_real else " (not in this repository)"}
+- `synthetic`: synthetic images only{"" if has_syn else " (none in this build)"}
+
+Every sample has `{ext}` (the image), `cls` (class index, a `ClassLabel`) and `json` with the same keys in every
+sample: `{'`, `'.join(METADATA_KEYS)}`. `is_synthetic` flags real vs synthetic; `seed`, `token_step`, `prompt`,
+`guidance_scale` and `num_inference_steps` regenerate any synthetic image; `source_path` names a real image's file.
+
+## How to load
+
+```python
+from datasets import load_dataset
+ds = load_dataset("{target}", revision="v{version}")            # or "real" / "synthetic" configs
+```
+```python
+import webdataset as wds                                       # plain webdataset
+ds = wds.WebDataset("data/train-synthetic-{{00000..00009}}.tar").decode("pil").to_tuple("{ext}", "cls", "json")
+```
+```python
+from fillup_data.loader import ...                              # streaming loader + Balanced Softmax trainer
+```
+
+`index.parquet` has one row per sample (key, shard, byte offset and size inside the tar, and all metadata),
+`manifest.json` the recipe, per-class counts and every shard's sha256; `tokens/NNNNN.safetensors` every checkpoint of
+each class's learned token.
+{body_extra}
+## Citation
+
+```bibtex
+{PAPER_CITATION}
+```
+"""
+    return f"---\n{yaml_text}---\n\n{body}"

@@ -1,0 +1,189 @@
+"""Reproducible WebDataset tar shards.
+
+Same samples in, same bytes out: fixed mtime/owner/mode, members sorted within a sample, USTAR
+headers, images re-encoded with fixed settings.  A shard is written under ``NAME.tar.tmp`` and renamed
+only when complete, so a killed build never leaves a half shard under the real name.  The writer
+records each member's byte offset and size so ``index.parquet`` can point straight at any sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from fillup_data.recipe import ShardsConfig
+
+# 2020-01-01T00:00:00Z: a fixed, plausible timestamp (webdataset's TarWriter would stamp "now").
+FIXED_MTIME = 1577836800
+
+# The contract's per-sample metadata keys, in a fixed order; every sample has all of them, never null.
+METADATA_KEYS = (
+    "label",
+    "class_name",
+    "is_synthetic",
+    "strategy",
+    "prompt",
+    "seed",
+    "token_step",
+    "guidance_scale",
+    "num_inference_steps",
+    "model",
+    "source_path",
+)
+METADATA_TYPES = {
+    "label": int,
+    "class_name": str,
+    "is_synthetic": bool,
+    "strategy": str,
+    "prompt": str,
+    "seed": int,
+    "token_step": int,
+    "guidance_scale": float,
+    "num_inference_steps": int,
+    "model": str,
+    "source_path": str,
+}
+
+
+def real_metadata(label: int, class_name: str, source_path: str) -> dict:
+    return {
+        "label": label,
+        "class_name": class_name,
+        "is_synthetic": False,
+        "strategy": "real",
+        "prompt": "",
+        "seed": -1,
+        "token_step": -1,
+        "guidance_scale": -1.0,
+        "num_inference_steps": -1,
+        "model": "",
+        "source_path": source_path,
+    }
+
+
+def check_metadata(meta: dict) -> dict:
+    """Exactly the contract keys with the contract types (datasets infers a struct from them)."""
+    if set(meta) != set(METADATA_KEYS):
+        missing, extra = set(METADATA_KEYS) - set(meta), set(meta) - set(METADATA_KEYS)
+        raise ValueError(f"sample metadata keys differ from the contract: missing {missing}, extra {extra}")
+    out = {}
+    for k in METADATA_KEYS:
+        v = meta[k]
+        if v is None:
+            raise ValueError(f"sample metadata {k!r} is null")
+        t = METADATA_TYPES[k]
+        if t is float:
+            v = float(v)
+        elif t is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"sample metadata {k!r} must be int, got {v!r}")
+        elif not isinstance(v, t):
+            raise ValueError(f"sample metadata {k!r} must be {t.__name__}, got {v!r}")
+        out[k] = v
+    return out
+
+
+def prepare_image(img: Image.Image, cfg: ShardsConfig) -> Image.Image:
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if cfg.resize_short_side:
+        w, h = img.size
+        s = cfg.resize_short_side / min(w, h)
+        if s < 1.0:  # never upsample
+            img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC, reducing_gap=None)
+    return img
+
+
+def encode_image(img: Image.Image, cfg: ShardsConfig) -> bytes:
+    img = prepare_image(img, cfg)
+    buf = io.BytesIO()
+    if cfg.image_format == "jpg":
+        img.save(buf, format="JPEG", quality=cfg.quality)
+    elif cfg.image_format == "png":
+        img.save(buf, format="PNG", compress_level=6)
+    else:
+        img.save(buf, format="WEBP", quality=cfg.quality, method=4, lossless=cfg.quality == 100)
+    return buf.getvalue()
+
+
+@dataclass
+class MemberRecord:
+    key: str
+    offset: int  # byte offset of the sample's first header in the tar
+    size: int  # bytes from that header to the end of the sample's last member
+    image_offset: int  # byte offset of the image data
+    image_size: int
+
+
+class ShardWriter:
+    """Write one shard; ``close()`` renames it into place and returns (num_bytes, sha256)."""
+
+    def __init__(self, path: Path, image_ext: str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.image_ext = image_ext
+        self._fh = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
+        self.records: list[MemberRecord] = []
+        self._keys: set[str] = set()
+
+    def _add(self, name: str, data: bytes) -> tuple[int, int]:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = FIXED_MTIME
+        info.mode = 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        header = len(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        start = self._tar.offset
+        self._tar.addfile(info, io.BytesIO(data))
+        return start, start + header
+
+    def write(self, key: str, label: int, image: bytes, metadata: dict) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/' (webdataset splits keys at the first dot)")
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in {self.path.name}")
+        self._keys.add(key)
+        meta = json.dumps(check_metadata(metadata), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        # members sorted by name: KEY.cls < KEY.jpg < KEY.json (png/webp also sort before json)
+        members = sorted([(f"{key}.cls", str(int(label)).encode()), (f"{key}.{self.image_ext}", image),
+                          (f"{key}.json", meta.encode("utf-8"))])
+        first = None
+        img_off = 0
+        for name, data in members:
+            start, data_off = self._add(name, data)
+            first = start if first is None else first
+            if name.endswith("." + self.image_ext):
+                img_off = data_off
+        self.records.append(MemberRecord(key, first, self._tar.offset - first, img_off, len(image)))
+
+    def close(self) -> tuple[int, str]:
+        self._tar.close()
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self.tmp, self.path)
+        return self.path.stat().st_size, sha256_file(self.path)
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+            self._fh.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,161 @@
+"""The procedural world behind the demo: coloured shapes on textured backgrounds.
+
+One module defines it so the demo source, the captions and (later) the world's own classifier agree.
+A class is a (shape, colour) pair; background colour, texture, position, scale, rotation and pixel
+noise vary per image, so classes are learnable but not trivial.  Drawing is a pure function of a
+seed: the same seed gives the same pixels on every machine (numpy + PIL only, no floats from the OS).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "hexagon")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 220, 50),
+    "purple": (150, 60, 190),
+    "cyan": (60, 210, 220),
+    "white": (245, 245, 245),
+    "orange": (245, 140, 30),
+}
+BACKGROUNDS = {
+    "black": (15, 15, 15),
+    "gray": (110, 110, 110),
+    "brown": (105, 70, 40),
+    "navy": (20, 30, 80),
+}
+TEXTURES = ("blocky", "stripes", "pixel")
+
+_SUPERSAMPLE = 4
+
+
+def world_classes(n: int) -> list[tuple[str, str]]:
+    """The first ``n`` (shape, colour) classes, spread so neighbours differ in both shape and colour."""
+    colours = list(COLOURS)
+    pairs = []
+    for i in range(len(SHAPES) * len(colours)):
+        s = i % len(SHAPES)
+        c = (i + i // len(SHAPES) * 3) % len(colours)
+        pairs.append((SHAPES[s], colours[c]))
+    if n > len(pairs):
+        raise ValueError(f"the world has {len(pairs)} classes, {n} asked")
+    return pairs[:n]
+
+
+def class_name(shape: str, colour: str) -> str:
+    return f"{colour} {shape}"
+
+
+def caption(shape: str, colour: str, background: str) -> str:
+    return f"a {colour} {shape} on a {background} background"
+
+
+def _polygon(cx: float, cy: float, r: float, n: int, rot: float, inner: float | None = None):
+    pts = []
+    k = n * 2 if inner else n
+    for i in range(k):
+        rr = r if (inner is None or i % 2 == 0) else r * inner
+        a = rot + 2 * math.pi * i / k
+        pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+    return pts
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rot: float, fill):
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(1, int(r * 0.38)))
+    elif shape == "square":
+        draw.polygon(_polygon(cx, cy, r * 1.2, 4, rot + math.pi / 4), fill=fill)
+    elif shape == "diamond":
+        # a diamond is a square stretched along one axis, so it differs from a rotated square
+        pts = [
+            (cx + r * 0.75 * math.cos(rot), cy + r * 0.75 * math.sin(rot)),
+            (cx + r * 1.3 * math.cos(rot + math.pi / 2), cy + r * 1.3 * math.sin(rot + math.pi / 2)),
+            (cx + r * 0.75 * math.cos(rot + math.pi), cy + r * 0.75 * math.sin(rot + math.pi)),
+            (cx + r * 1.3 * math.cos(rot + 1.5 * math.pi), cy + r * 1.3 * math.sin(rot + 1.5 * math.pi)),
+        ]
+        draw.polygon(pts, fill=fill)
+    elif shape == "triangle":
+        draw.polygon(_polygon(cx, cy, r * 1.25, 3, rot), fill=fill)
+    elif shape == "hexagon":
+        draw.polygon(_polygon(cx, cy, r * 1.1, 6, rot), fill=fill)
+    elif shape == "star":
+        draw.polygon(_polygon(cx, cy, r * 1.35, 5, rot, inner=0.42), fill=fill)
+    elif shape == "cross":
+        w = r * 0.42
+        for a in (rot, rot + math.pi / 2):
+            dx, dy = math.cos(a), math.sin(a)
+            px, py = -dy, dx
+            pts = [
+                (cx + dx * r * 1.25 + px * w, cy + dy * r * 1.25 + py * w),
+                (cx - dx * r * 1.25 + px * w, cy - dy * r * 1.25 + py * w),
+                (cx - dx * r * 1.25 - px * w, cy - dy * r * 1.25 - py * w),
+                (cx + dx * r * 1.25 - px * w, cy + dy * r * 1.25 - py * w),
+            ]
+            draw.polygon(pts, fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _background(rng: np.random.Generator, size: int, base: tuple[int, int, int], texture: str) -> np.ndarray:
+    base_arr = np.array(base, dtype=np.float32)
+    if texture == "blocky":
+        cells = int(rng.integers(3, 7))
+        noise = rng.normal(0.0, 28.0, size=(cells, cells, 3)).astype(np.float32)
+        block = np.kron(noise, np.ones((size // cells + 1, size // cells + 1, 1), dtype=np.float32))
+        field = block[:size, :size]
+    elif texture == "stripes":
+        angle = rng.uniform(0, math.pi)
+        freq = rng.uniform(2.0, 6.0) * 2 * math.pi / size
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        wave = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * freq + rng.uniform(0, 6.28))
+        field = (wave[..., None] * rng.uniform(18.0, 35.0)).astype(np.float32)
+    else:  # pixel noise
+        field = rng.normal(0.0, 22.0, size=(size, size, 3)).astype(np.float32)
+    return np.clip(base_arr + field, 0, 255)
+
+
+def draw(shape: str, colour: str, seed: int | np.random.SeedSequence, size: int = 32) -> tuple[Image.Image, dict]:
+    """Draw one image of (shape, colour) and return it with its nuisance attributes."""
+    rng = np.random.default_rng(seed)
+    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
+    big = size * _SUPERSAMPLE
+    bg_jitter = rng.integers(-12, 13, size=3)
+    bg = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(BACKGROUNDS[background], bg_jitter))
+    canvas = Image.new("RGB", (big, big), bg)
+    r = big * rng.uniform(0.17, 0.33)
+    margin = r * 1.3
+    cx = rng.uniform(margin, big - margin)
+    cy = rng.uniform(margin, big - margin)
+    rot = rng.uniform(0, 2 * math.pi)
+    jitter = rng.integers(-18, 19, size=3)
+    fill = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(COLOURS[colour], jitter))
+    mask = Image.new("L", (big, big), 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, cx, cy, r, rot, 255)
+    small_mask = np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float32)[..., None] / 255.0
+    back = _background(rng, size, bg, texture)
+    fg = np.array(fill, dtype=np.float32)[None, None, :]
+    img = back * (1 - small_mask) + fg * small_mask
+    img = img + rng.normal(0.0, 4.0, size=img.shape)
+    arr = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    meta = {"shape": shape, "colour": colour, "background": background, "texture": texture}
+    return Image.fromarray(arr, "RGB"), meta
+
+
+def longtail_counts(num_classes: int, max_images: int, min_images: int) -> list[int]:
+    """Exponential imbalance from ``max_images`` (class 0) down to ``min_images`` (last class)."""
+    if num_classes == 1:
+        return [max_images]
+    ratio = min_images / max_images
+    return [
+        max(min_images, int(math.floor(max_images * ratio ** (i / (num_classes - 1)) + 1e-9)))
+        for i in range(num_classes)
+    ]
