@@ -246,6 +246,10 @@ def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str)
         "regenerated_images": retries,
     }
     write_json_atomic(out / "report.json", report)
+    from fillup_data.shards.figures import DISTRIBUTION_PNG, SAMPLES_PNG, plot_distribution, sample_grid
+
+    plot_distribution(manifest, out / DISTRIBUTION_PNG)
+    sample_grid(out, manifest, out / SAMPLES_PNG)
     (out / "README.md").write_text(render_card(manifest, include_real=True), encoding="utf-8")
     return manifest
 

@@ -170,6 +170,12 @@ fillup-data version {manifest.get('package_version', '')}.
 
 {_group_table(manifest)}
 
+## Figures
+
+![images per class before and after fill-up](assets/class_distribution.png)
+
+![real (left) and synthetic (right) samples of head, medium and tail classes](assets/samples.png)
+
 ## Configs
 
 - `default`: {"real + synthetic train, real test" if has_real and has_syn else ("synthetic train" if has_syn else "real train and test")}

@@ -1,0 +1,97 @@
+"""The dataset card's two figures: class distribution before/after fill-up, and real vs synthetic samples.
+
+Samples are read straight from the tars through ``index.parquet`` byte offsets: no tar is scanned.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+DISTRIBUTION_PNG = "assets/class_distribution.png"
+SAMPLES_PNG = "assets/samples.png"
+
+
+def plot_distribution(manifest: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = sorted(manifest["classes"], key=lambda c: (-c["real"], c["index"]))
+    real = [c["real"] for c in classes]
+    total = [c["real"] + c["synthetic"] for c in classes]
+    x = range(len(classes))
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=110)
+    ax.fill_between(x, total, step="mid", color="#f0a04b", alpha=0.85, label="after fill-up (real + synthetic)")
+    ax.fill_between(x, real, step="mid", color="#3b6fb6", alpha=0.95, label="real (long-tailed)")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=max(0.8, min([r for r in real if r > 0] or [1]) * 0.5))
+    groups = manifest.get("groups", {"many_above": 100, "few_below": 20})
+    for y, name in ((groups["many_above"], "many"), (groups["few_below"], "few")):
+        ax.axhline(y, color="gray", lw=0.6, ls="--")
+        ax.text(len(classes) - 0.5, y, f" {name}", va="bottom", ha="right", fontsize=7, color="gray")
+    ax.set_xlabel("classes, sorted by real training images")
+    ax.set_ylabel("training images (log)")
+    ax.set_title(f"{manifest['name']} {manifest['version']}: images per class")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlim(-0.5, len(classes) - 0.5)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def _read_image(out: Path, row: dict) -> Image.Image:
+    with open(out / row["shard"], "rb") as f:
+        f.seek(row["image_offset"])
+        return Image.open(io.BytesIO(f.read(row["image_size"]))).convert("RGB")
+
+
+def pick_classes(manifest: dict, per_group: int = 2) -> list[int]:
+    """A few head, medium and tail classes (largest first within each group)."""
+    picked = []
+    for g in ("many", "medium", "few"):
+        cs = sorted((c for c in manifest["classes"] if c["group"] == g), key=lambda c: (-c["real"], c["index"]))
+        if g == "few":
+            cs = cs[::-1]  # the tail's tail is the interesting part
+        picked += [c["index"] for c in cs[:per_group]]
+    return picked
+
+
+def sample_grid(out: Path, manifest: dict, path: Path, per_side: int = 4, cell: int = 96) -> Path:
+    """Rows of classes; left half real training images, right half synthetic ones."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out / "index.parquet", columns=["key", "shard", "split", "image_offset", "image_size",
+                                                        "label", "is_synthetic"]).to_pylist()
+    by = {}
+    for r in sorted(rows, key=lambda r: r["key"]):
+        if r["split"] == "train":
+            by.setdefault((r["label"], r["is_synthetic"]), []).append(r)
+    classes = pick_classes(manifest)
+    label_w = 150
+    W = label_w + cell * per_side * 2 + 12
+    H = 22 + cell * max(1, len(classes))
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((label_w, 4), "real", fill=(0, 0, 0))
+    draw.text((label_w + cell * per_side + 12, 4), "synthetic", fill=(0, 0, 0))
+    names = {c["index"]: c for c in manifest["classes"]}
+    for i, c in enumerate(classes):
+        y = 22 + i * cell
+        info = names[c]
+        draw.text((4, y + cell // 2 - 12), f"{info['name'][:22]}", fill=(0, 0, 0))
+        draw.text((4, y + cell // 2 + 2), f"{info['group']}, {info['real']} real", fill=(90, 90, 90))
+        for side, synthetic in ((0, False), (1, True)):
+            for j, r in enumerate(by.get((c, synthetic), [])[:per_side]):
+                img = _read_image(out, r)
+                small = min(img.size) < cell  # tiny images: keep their pixels visible
+                img = img.resize((cell - 4, cell - 4), Image.Resampling.NEAREST if small else Image.Resampling.BICUBIC)
+                canvas.paste(img, (label_w + side * (cell * per_side + 12) + j * cell + 2, y + 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG")
+    return path
