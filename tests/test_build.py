@@ -184,3 +184,18 @@ def test_cli_validate_plan_build_inspect(tmp_path, capsys):
     assert "SHA256   data/train-real-00000.tar" in capsys.readouterr().out
     assert main(["validate", str(DEMO), "--set", "fill.policy=sometimes"]) == 2
     assert "fill.policy" in capsys.readouterr().err
+
+
+def test_card_parses_and_links_figures(demo_build):
+    from huggingface_hub import DatasetCard
+    from PIL import Image
+
+    out, _ = demo_build
+    card = DatasetCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["task_categories"] == ["image-classification"]
+    assert {c["config_name"] for c in data["configs"]} == {"default", "real"}
+    assert {c["config_name"] for c in data["dataset_info"]} == {"default", "real"}
+    for rel in ("assets/class_distribution.png", "assets/samples.png"):
+        assert f"]({rel})" in card.text
+        assert Image.open(out / rel).format == "PNG"
