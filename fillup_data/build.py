@@ -246,10 +246,13 @@ def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str)
         "regenerated_images": retries,
     }
     write_json_atomic(out / "report.json", report)
-    from fillup_data.shards.figures import DISTRIBUTION_PNG, SAMPLES_PNG, plot_distribution, sample_grid
+    from fillup_data.shards.figures import (DISTRIBUTION_PNG, SAMPLES_PNG, SYNTHETIC_SAMPLES_PNG, plot_distribution,
+                                            sample_grid)
 
     plot_distribution(manifest, out / DISTRIBUTION_PNG)
     sample_grid(out, manifest, out / SAMPLES_PNG)
+    if plan.num_synthetic:
+        sample_grid(out, manifest, out / SYNTHETIC_SAMPLES_PNG, include_real=False)
     (out / "README.md").write_text(render_card(manifest, include_real=True), encoding="utf-8")
     return manifest
 

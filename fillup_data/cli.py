@@ -183,7 +183,7 @@ def _optional_hooks():
     """Verbs that live with their subsystems (publish, train, eval, preview, export-token)."""
     hooks = []
     for module, names in (
-        ("fillup_data.hub_cli", ("add_publish_parser",)),
+        ("fillup_data.hub", ("add_publish_parser",)),
         ("fillup_data.train.cli", ("add_train_parser", "add_eval_parser")),
         ("fillup_data.generation.cli", ("add_preview_parser", "add_export_parser")),
     ):

@@ -153,6 +153,11 @@ def render_card(manifest: dict, include_real: bool = True, repo_id: str | None =
             "`fillup-data build RECIPE --set generator.strategy=none --out real-build` from the same recipe and combine "
             "them with this repository through `fillup_data.loader` (local real + Hub synthetic).\n"
         )
+    samples_figure = (
+        "![real (left) and synthetic (right) samples of head, medium and tail classes](assets/samples.png)"
+        if include_real or not has_syn
+        else "![synthetic samples of head, medium and tail classes](assets/samples-synthetic.png)"
+    )
     yaml_text = yaml.dump(meta, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True, width=120)
     body = f"""# {name}
 
@@ -174,7 +179,7 @@ fillup-data version {manifest.get('package_version', '')}.
 
 ![images per class before and after fill-up](assets/class_distribution.png)
 
-![real (left) and synthetic (right) samples of head, medium and tail classes](assets/samples.png)
+{samples_figure}
 
 ## Configs
 

@@ -12,6 +12,8 @@ from PIL import Image, ImageDraw
 
 DISTRIBUTION_PNG = "assets/class_distribution.png"
 SAMPLES_PNG = "assets/samples.png"
+# Linked instead of SAMPLES_PNG by a card published without real images: real images may not be redistributed.
+SYNTHETIC_SAMPLES_PNG = "assets/samples-synthetic.png"
 
 
 def plot_distribution(manifest: dict, path: Path) -> Path:
@@ -62,8 +64,9 @@ def pick_classes(manifest: dict, per_group: int = 2) -> list[int]:
     return picked
 
 
-def sample_grid(out: Path, manifest: dict, path: Path, per_side: int = 4, cell: int = 96) -> Path:
-    """Rows of classes; left half real training images, right half synthetic ones."""
+def sample_grid(out: Path, manifest: dict, path: Path, per_side: int = 4, cell: int = 96,
+                include_real: bool = True) -> Path:
+    """Rows of classes; left half real training images, right half synthetic ones (or synthetic only)."""
     import pyarrow.parquet as pq
 
     rows = pq.read_table(out / "index.parquet", columns=["key", "shard", "split", "image_offset", "image_size",
@@ -74,11 +77,12 @@ def sample_grid(out: Path, manifest: dict, path: Path, per_side: int = 4, cell: 
             by.setdefault((r["label"], r["is_synthetic"]), []).append(r)
     classes = pick_classes(manifest)
     label_w = 150
+    sides = ((0, False), (1, True)) if include_real else ((0, True), (1, True))
     W = label_w + cell * per_side * 2 + 12
     H = 22 + cell * max(1, len(classes))
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    draw.text((label_w, 4), "real", fill=(0, 0, 0))
+    draw.text((label_w, 4), "real" if include_real else "synthetic", fill=(0, 0, 0))
     draw.text((label_w + cell * per_side + 12, 4), "synthetic", fill=(0, 0, 0))
     names = {c["index"]: c for c in manifest["classes"]}
     for i, c in enumerate(classes):
@@ -86,8 +90,9 @@ def sample_grid(out: Path, manifest: dict, path: Path, per_side: int = 4, cell: 
         info = names[c]
         draw.text((4, y + cell // 2 - 12), f"{info['name'][:22]}", fill=(0, 0, 0))
         draw.text((4, y + cell // 2 + 2), f"{info['group']}, {info['real']} real", fill=(90, 90, 90))
-        for side, synthetic in ((0, False), (1, True)):
-            for j, r in enumerate(by.get((c, synthetic), [])[:per_side]):
+        for side, synthetic in sides:
+            offset = per_side if (side == 1 and not include_real) else 0
+            for j, r in enumerate(by.get((c, synthetic), [])[offset: offset + per_side]):
                 img = _read_image(out, r)
                 small = min(img.size) < cell  # tiny images: keep their pixels visible
                 img = img.resize((cell - 4, cell - 4), Image.Resampling.NEAREST if small else Image.Resampling.BICUBIC)

@@ -1,0 +1,386 @@
+"""``fillup-data publish`` against the loopback Hub, with the real ``huggingface_hub``/``datasets`` clients.
+
+The build under test is a real demo build (``generator.strategy=none``) to which the fixture adds
+two synthetic-origin shards and per-class token files in the build's own formats, so that the
+real/synthetic publishing rules can be exercised before the synthesis stage exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.hubserver import HubServer, hub_server  # noqa: F401  (fixture)
+
+from fillup_data.errors import FillupError
+from fillup_data.hub import PublishResult, add_publish_parser, publish
+
+TOKEN = "hf_secret_test_token_0123456789"
+REPO = "org/demo-fillup"
+
+
+# --------------------------------------------------------------------------- fixtures
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _add_synthetic(out: Path) -> None:
+    """Add 2 synthetic-origin shards and token files (as the synthesis stage will) to a real-only build."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fillup_data.shards.card import render_card
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    with tarfile.open(out / "data" / "train-real-00000.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    samples: dict[str, dict[str, bytes]] = {}
+    for m, data in members:
+        key, ext = m.name.split(".", 1)
+        samples.setdefault(key, {})[ext] = data
+    keys = sorted(samples)[:40]
+    counts = [0] * len(manifest["classes"])
+    for part, chunk in enumerate((keys[:20], keys[20:])):
+        path = out / "data" / f"train-synthetic-{part:05d}.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, key in enumerate(chunk):
+                meta = json.loads(samples[key]["json"])
+                meta.update(is_synthetic=True, strategy="textual_inversion", prompt=f"a photo of a <cls-{meta['label']}>",
+                            seed=1000 + i, token_step=10, guidance_scale=1.0, num_inference_steps=10,
+                            model="builtin:tiny-sd", source_path="")
+                counts[meta["label"]] += 1
+                new_key = f"syn{part}{i:04d}"
+                for ext, data in sorted(samples[key].items()):
+                    data = json.dumps(meta).encode() if ext == "json" else data
+                    info = tarfile.TarInfo(f"{new_key}.{ext}")
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+        manifest["shards"].append({"path": f"data/{path.name}", "split": "train", "origin": "synthetic",
+                                   "num_samples": len(chunk), "num_bytes": path.stat().st_size, "sha256": _sha256(path)})
+    (out / "tokens").mkdir(exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    manifest["tokens"] = []
+    for c in manifest["classes"][:3]:
+        path = out / "tokens" / f"{c['index']:05d}.safetensors"
+        save_file({f"<cls-{c['index']}>": torch.randn(4, 32, generator=gen)}, str(path))
+        manifest["tokens"].append({"path": f"tokens/{path.name}", "class_index": c["index"],
+                                   "num_bytes": path.stat().st_size, "sha256": _sha256(path)})
+    for c in manifest["classes"]:
+        c["synthetic"] = counts[c["index"]]
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out / "README.md").write_text(render_card(manifest, include_real=True))
+
+
+@pytest.fixture(scope="module")
+def demo_template(tmp_path_factory) -> Path:
+    import torch
+
+    from fillup_data.build import run_build
+    from fillup_data.recipe import load_recipe
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("demo") / "build"
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "demo.yaml", ["generator.strategy=none"])
+    run_build(recipe, out, workers=1, progress=False, log=lambda *_: None)
+    _add_synthetic(out)
+    return out
+
+
+@pytest.fixture
+def demo_build(demo_template: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "build"
+    shutil.copytree(demo_template, out)
+    return out
+
+
+@pytest.fixture
+def hub(hub_server: HubServer, monkeypatch) -> HubServer:  # noqa: F811
+    """In-process clients pointed at the loopback Hub: online, Xet off (the server speaks classic LFS)."""
+    import huggingface_hub.constants as C
+
+    monkeypatch.setattr(C, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(C, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+    return hub_server
+
+
+def _uploadable(out: Path) -> set[str]:
+    """The build's files publish sends besides README.md and manifest.json (with real shards)."""
+    from fillup_data.hub import _card_links
+
+    files = {f"data/{p.name}" for p in (out / "data").glob("*.tar")}
+    files |= {f"tokens/{p.name}" for p in (out / "tokens").glob("*.safetensors")} | {"index.parquet"}
+    return files | set(_card_links((out / "README.md").read_text(), out))
+
+
+def _publish(hub: HubServer, out: Path, logs: list[str] | None = None, **kw) -> PublishResult:
+    kw.setdefault("retry_base_delay", 0.01)
+    return publish(out, kw.pop("repo_id", REPO), token=TOKEN, endpoint=hub.endpoint, progress=False,
+                   log=(logs.append if logs is not None else (lambda *_: None)), **kw)
+
+
+def _client(hub: HubServer, tmp_path: Path, code: str) -> dict:
+    out = hub.run_client(textwrap.dedent(code), tmp_path / "client")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+ROWS_CODE = """
+    import hashlib, json
+    from datasets import load_dataset
+    def rows(ds):
+        out = {}
+        for split, d in ds.items():
+            img = [c for c in d.column_names if c in ("jpg", "png", "webp")][0]
+            out[split] = sorted(
+                json.dumps([r["cls"], r["json"], hashlib.sha256(r[img].tobytes()).hexdigest()], sort_keys=True)
+                for r in d)
+        return out
+"""
+
+
+# --------------------------------------------------------------------------- end to end
+def test_publish_then_load_dataset_matches_local(hub: HubServer, demo_build: Path, tmp_path: Path):
+    logs: list[str] = []
+    res = _publish(hub, demo_build, logs, include_real=True)
+    assert res.tag == "v1.0.0" and not res.already_published and res.include_real
+    assert res.load_line == f'load_dataset("{REPO}", revision="v1.0.0")'
+    text = "\n".join(logs)
+    assert res.url in text and res.load_line in text and TOKEN not in text
+    files = hub.files_at(REPO, "v1.0.0")
+    assert set(files) == {".gitattributes", "README.md", "manifest.json"} | _uploadable(demo_build)
+    assert {"index.parquet", "data/train-real-00000.tar", "data/test-real-00000.tar",
+            "data/train-synthetic-00000.tar", "data/train-synthetic-00001.tar",
+            "tokens/00000.safetensors", "tokens/00001.safetensors", "tokens/00002.safetensors"} <= set(files)
+    for p in files:  # byte-identical; the card is the refreshed one naming the repo
+        if p not in (".gitattributes", "README.md"):
+            assert files[p] == (demo_build / p).read_bytes(), p
+    assert f'load_dataset("{REPO}", revision="v1.0.0")' in files["README.md"].decode()
+    assert "hf_secret" not in repr(hub.log)
+
+    got = _client(hub, tmp_path, ROWS_CODE + f"""
+    from huggingface_hub import hf_hub_download
+    from safetensors.torch import load_file
+    local = rows(load_dataset({str(demo_build)!r}))
+    remote = rows(load_dataset("{REPO}", revision="v1.0.0"))
+    syn = load_dataset("{REPO}", "synthetic", revision="v1.0.0")
+    token = load_file(hf_hub_download("{REPO}", "tokens/00001.safetensors", repo_type="dataset", revision="v1.0.0"))
+    print(json.dumps({{"same": local == remote, "sizes": {{k: len(v) for k, v in remote.items()}},
+                       "syn": {{k: len(v) for k, v in syn.items()}}, "token": {{k: list(v.shape) for k, v in token.items()}},
+                       "cls_names": load_dataset("{REPO}", revision="v1.0.0", split="test").features["cls"].names}}))
+    """)
+    assert got["same"], "load_dataset through the Hub differs from load_dataset(OUT)"
+    assert got["sizes"] == {"train": 462 + 40, "test": 200}
+    assert got["syn"] == {"train": 40}
+    assert got["token"] == {"<cls-1>": [4, 32]}
+    manifest = json.loads((demo_build / "manifest.json").read_text())
+    assert got["cls_names"] == [c["name"] for c in manifest["classes"]]
+
+
+def test_real_images_excluded_by_default_and_card_lists_only_what_repo_holds(hub: HubServer, demo_build: Path,
+                                                                             tmp_path: Path):
+    manifest = json.loads((demo_build / "manifest.json").read_text())
+    manifest["recipe"]["publish"]["include_real"] = False  # the default of every non-demo recipe
+    (demo_build / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    res = _publish(hub, demo_build)
+    assert not res.include_real
+    assert sorted(res.excluded_real) == ["data/test-real-00000.tar", "data/train-real-00000.tar"]
+    files = hub.files_at(REPO, "v1.0.0")
+    assert not any("-real-" in p for p in files)
+    assert not any(p.startswith((".fillup", "report")) for p in files)  # build state never leaves the machine
+    assert {"tokens/00000.safetensors", "index.parquet", "manifest.json"} <= set(files)
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard(files["README.md"].decode())
+    configs = {c["config_name"]: c["data_files"] for c in card.data["configs"]}
+    assert set(configs) == {"default", "synthetic"}
+    assert configs["default"] == [{"split": "train", "path": "data/train-synthetic-*.tar"}]
+    got = _client(hub, tmp_path, ROWS_CODE + f"""
+    ds = load_dataset("{REPO}", revision="v1.0.0")
+    print(json.dumps({{k: [len(v), sum(r["is_synthetic"] for r in v["json"])] for k, v in ds.items()}}))
+    """)
+    assert got == {"train": [40, 40]}
+
+
+def test_load_textual_inversion_from_the_published_repo(hub: HubServer, demo_build: Path, tmp_path: Path):
+    """diffusers reads a class token published under tokens/ (downloaded from the dataset repo first:
+    ``load_textual_inversion`` itself only fetches from model repos)."""
+    import torch
+    from huggingface_hub import hf_hub_download
+    from safetensors.torch import load_file
+
+    from fillup_data.models.architectures import build_random_pipeline
+
+    res = _publish(hub, demo_build, include_real=True)
+    path = hf_hub_download(REPO, "tokens/00002.safetensors", repo_type="dataset", revision=res.tag,
+                           endpoint=hub.endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
+    pipe = build_random_pipeline("tiny")
+    pipe.load_textual_inversion(path)
+    expected = load_file(demo_build / "tokens" / "00002.safetensors")["<cls-2>"]
+    names = ["<cls-2>"] + [f"<cls-2>_{i}" for i in range(1, 4)]  # diffusers' multi-vector expansion
+    ids = pipe.tokenizer.convert_tokens_to_ids(names)
+    got = pipe.text_encoder.get_input_embeddings().weight[ids]
+    assert torch.equal(got, expected.to(got.dtype))
+
+
+# --------------------------------------------------------------------------- resuming and retries
+def test_interrupted_upload_resumes_uploading_only_what_is_missing(hub: HubServer, demo_build: Path):
+    # One file per commit; the 4th LFS upload dies (403: not transient, the run stops like a killed job).
+    hub.fail("PUT", r"^/_lfs/", status=403, after=3, times=None, message="simulated interruption")
+    with pytest.raises(FillupError, match="run the same command again"):
+        _publish(hub, demo_build, include_real=True, max_files_per_commit=1)
+    repo = hub.repo(REPO)
+    committed = set(hub.files_at(REPO)) - {".gitattributes"}
+    stored = set(repo.lfs)
+    assert len(committed) == 3 and "manifest.json" not in committed and not repo.tags
+
+    hub.clear_faults()
+    hub.clear_log()
+    res = _publish(hub, demo_build, include_real=True, max_files_per_commit=1)
+    assert set(res.unchanged) >= committed and not set(res.uploaded) & committed
+    puts = hub.requests("PUT", r"^/_lfs/")
+    assert puts and not any(oid in r.path for r in puts for oid in stored), "an object was uploaded twice"
+    local = _uploadable(demo_build)
+    assert len(puts) == len(local) - len(stored)
+    assert set(hub.files_at(REPO, "v1.0.0")) >= local | {"README.md", "manifest.json"}
+
+    # a third run has nothing to do: no upload, no commit
+    hub.clear_log()
+    again = _publish(hub, demo_build, include_real=True)
+    assert again.already_published
+    assert not hub.requests("PUT") and not hub.requests("POST", "/commit/")
+
+
+def test_transient_errors_are_retried_with_backoff(hub: HubServer, demo_build: Path):
+    f503 = hub.fail("POST", r"/commit/main$", status=503, times=2)
+    # faults are checked in order: the race fault counts only the commits the 503 fault let through
+    race = hub.fail("POST", r"/commit/main$", status=412, after=1, times=1,
+                    message="A commit has happened since. Please refresh and try again.")
+    f429 = hub.fail("POST", r"/tag/", status=429, times=1, headers={"Retry-After": "0"})
+    logs: list[str] = []
+    res = _publish(hub, demo_build, logs, include_real=True)
+    assert (f503.fired, race.fired, f429.fired) == (2, 1, 1)
+    assert res.tag in hub.repo(REPO).tags
+    assert sum("retrying" in line for line in logs) == 4
+
+
+def test_gives_up_after_max_retries_with_clear_error(hub: HubServer, demo_build: Path):
+    hub.fail("POST", r"/commit/main$", status=500, times=None)
+    with pytest.raises(FillupError, match="kept failing.*resumes"):
+        _publish(hub, demo_build, include_real=True, max_retries=2)
+    assert len(hub.requests("POST", r"/commit/main$")) == 3
+
+
+# --------------------------------------------------------------------------- versions and tags
+def test_same_tag_with_a_different_build_is_refused(hub: HubServer, demo_build: Path, tmp_path: Path):
+    _publish(hub, demo_build, include_real=True)
+    other = tmp_path / "other"
+    shutil.copytree(demo_build, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["fingerprint"] = "f" * 64  # a build of another recipe
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    before = hub.repo(REPO).tags["v1.0.0"]
+    with pytest.raises(FillupError, match="tag v1.0.0 already holds a different build.*never moved"):
+        _publish(hub, other, include_real=True)
+    assert hub.repo(REPO).tags["v1.0.0"] == before
+    # the same build again is fine and says so
+    logs: list[str] = []
+    assert _publish(hub, demo_build, logs, include_real=True).already_published
+    assert any("already published" in line for line in logs)
+    # another tag for the other build works, and the old tag still serves the old build
+    res = _publish(hub, other, tag="v1.0.1", include_real=True)
+    assert json.loads(hub.files_at(REPO, res.tag)["manifest.json"])["fingerprint"] == "f" * 64
+    assert json.loads(hub.files_at(REPO, "v1.0.0")["manifest.json"])["fingerprint"] != "f" * 64
+
+
+def test_tag_with_real_images_is_not_reused_without_them(hub: HubServer, demo_build: Path):
+    _publish(hub, demo_build, include_real=True)
+    with pytest.raises(FillupError, match="with real images.*another --tag"):
+        _publish(hub, demo_build, include_real=False)
+    # a new tag without real images deletes the real shards from main, the old tag keeps them
+    res = _publish(hub, demo_build, include_real=False, tag="v1.0.0-synthetic")
+    assert sorted(res.deleted) == ["data/test-real-00000.tar", "data/train-real-00000.tar"]
+    assert not any("-real-" in p for p in hub.files_at(REPO, res.tag))
+    assert "data/train-real-00000.tar" in hub.files_at(REPO, "v1.0.0")
+
+
+def test_foreign_tag_without_manifest_is_refused(hub: HubServer, demo_build: Path):
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    api.create_repo(REPO, repo_type="dataset")
+    api.create_tag(REPO, tag="v1.0.0", repo_type="dataset")
+    with pytest.raises(FillupError, match="no manifest.json"):
+        _publish(hub, demo_build, include_real=True)
+
+
+# --------------------------------------------------------------------------- bad input, CLI
+def test_bad_input_is_a_clear_error(demo_build: Path, tmp_path: Path):
+    with pytest.raises(FillupError, match="no manifest"):
+        publish(tmp_path, REPO, progress=False, log=lambda *_: None)
+    with pytest.raises(FillupError, match="ORG/NAME"):
+        publish(demo_build, "no-namespace", progress=False, log=lambda *_: None)
+    with pytest.raises(FillupError, match="--tag"):
+        publish(demo_build, REPO, tag="bad tag", progress=False, log=lambda *_: None)
+    with (demo_build / "data" / "train-synthetic-00000.tar").open("ab") as f:
+        f.write(b"\0" * 512)
+    with pytest.raises(FillupError, match=r"train-synthetic-00000.tar: .* bytes but manifest.json says"):
+        publish(demo_build, REPO, include_real=True, progress=False, log=lambda *_: None)
+    (demo_build / "data" / "train-synthetic-00000.tar").unlink()
+    with pytest.raises(FillupError, match="missing; relaunch the build"):
+        publish(demo_build, REPO, include_real=True, progress=False, log=lambda *_: None)
+    manifest = json.loads((demo_build / "manifest.json").read_text())
+    manifest["shards"] = [s for s in manifest["shards"] if s["origin"] == "real"]
+    (demo_build / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FillupError, match="only real images.*--include-real"):
+        publish(demo_build, REPO, include_real=False, progress=False, log=lambda *_: None)
+
+
+def test_bad_token_is_a_clear_error(hub: HubServer, demo_build: Path):
+    hub.fail("POST", r"/api/repos/create", status=401, message="Invalid credentials in Authorization header")
+    with pytest.raises(FillupError, match="HF_TOKEN") as err:
+        _publish(hub, demo_build, include_real=True)
+    assert TOKEN not in str(err.value)
+
+
+def test_cli_publish(hub: HubServer, demo_build: Path, monkeypatch, capsys):
+    import argparse
+
+    import huggingface_hub.constants as C
+
+    monkeypatch.setattr(C, "ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(C, "HF_TOKEN_PATH", str(demo_build / "no-token-file"))
+    parser = argparse.ArgumentParser(prog="fillup-data")
+    add_publish_parser(parser.add_subparsers())
+    args = parser.parse_args(["publish", str(demo_build), "--repo", REPO, "--tag", "v1.0.0-rc1", "--private",
+                              "--no-progress"])
+    assert args.include_real is None  # the recipe decides unless the flag is given
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert f'load_dataset("{REPO}", revision="v1.0.0-rc1")' in out and TOKEN not in out
+    assert "v1.0.0-rc1" in hub.repo(REPO).tags and hub.repo(REPO).private
+    assert all(r.authenticated for r in hub.requests("POST"))
+
+
+# --------------------------------------------------------------------------- the real Hub (opt-in)
+@pytest.mark.skipif(not (os.environ.get("HF_TOKEN") and os.environ.get("FILLUP_LIVE_HUB_REPO")),
+                    reason="set HF_TOKEN and FILLUP_LIVE_HUB_REPO=org/name to publish to the real Hub")
+def test_live_publish_to_the_hub(demo_build: Path, monkeypatch):
+    import huggingface_hub.constants as C
+
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)
+    repo = os.environ["FILLUP_LIVE_HUB_REPO"]
+    tag = f"v1.0.0-test{os.getpid()}"
+    res = publish(demo_build, repo, tag=tag, private=True, include_real=True, progress=False,
+                  endpoint="https://huggingface.co")
+    assert res.tag == tag
+    again = publish(demo_build, repo, tag=tag, include_real=True, progress=False, endpoint="https://huggingface.co")
+    assert again.already_published
