@@ -21,7 +21,7 @@ from fillup_data import __version__
 from fillup_data.errors import FillupError
 from fillup_data.index import SourceIndex, build_index
 from fillup_data.plan import Plan, RealSample, ShardPlan, make_plan
-from fillup_data.recipe import Recipe, fingerprint
+from fillup_data.recipe import Recipe, fingerprint, model_revision
 from fillup_data.shards.card import render_card
 from fillup_data.shards.manifest import index_row, write_index, write_json_atomic
 from fillup_data.shards.writer import ShardWriter, encode_image, real_metadata
@@ -55,13 +55,6 @@ class BuildSummary:
             f"skipped images: {skipped}; regenerated black/non-finite images: {self.retries}\n"
             f"output: {self.out}  (manifest.json, index.parquet, README.md, report.json)"
         )
-
-
-def model_revision(recipe: Recipe) -> str:
-    """What identifies the generator's weights for the fingerprint."""
-    if recipe.generator.strategy == "none":
-        return ""
-    return f"{recipe.generator.model}@{recipe.generator.revision or 'main'}"
 
 
 def _state(out: Path) -> Path:

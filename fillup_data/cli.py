@@ -27,8 +27,7 @@ def _load(args):
 
 
 def cmd_validate(args) -> int:
-    from fillup_data.build import model_revision
-    from fillup_data.recipe import fingerprint
+    from fillup_data.recipe import fingerprint, model_revision
 
     recipe = _load(args)
     print(f"{args.recipe}: valid recipe {recipe.name} {recipe.version} "
@@ -130,6 +129,84 @@ def cmd_inspect(args) -> int:
     return 0 if not bad else 1
 
 
+def _pick_classes(spec: str, names: list[str]) -> list[int]:
+    picked = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if part.isdigit() and int(part) < len(names):
+            picked.append(int(part))
+        elif part in names:
+            picked.append(names.index(part))
+        else:
+            raise FillupError(f"--classes: {part!r} is neither a class index (0..{len(names) - 1}) nor a class name")
+    if not picked:
+        raise FillupError("--classes: name at least one class (indices or names, comma-separated)")
+    return picked
+
+
+def cmd_preview(args) -> int:
+    """Invert a few classes with the recipe's settings and draw real vs synthetic, before a full build."""
+    from fillup_data.generation import SampleSpec, preview_grid
+    from fillup_data.index import build_index
+    from fillup_data.models import load_pipeline_for
+    from fillup_data.plan import make_plan, sample_seed
+    from fillup_data import synthesis
+
+    recipe = _load(args)
+    if recipe.generator.strategy == "none":
+        raise FillupError("generator.strategy is none: there is nothing to preview")
+    t0 = time.time()
+    index = build_index(recipe, workers=args.workers)
+    plan = make_plan(recipe, index)
+    classes = _pick_classes(args.classes, index.class_names)
+    work = Path(args.tokens) if args.tokens else Path(args.out).with_suffix("").with_name(Path(args.out).stem + "-tokens")
+    pipe = load_pipeline_for(recipe.generator)
+    if recipe.generator.strategy == "textual_inversion":
+        synthesis.invert_all(recipe, plan, index, work, pipe, progress=True, classes=classes)
+    generator = synthesis.make_generator(recipe, plan.classes, work, pipe)
+    real, synthetic = {}, {}
+    for c in classes:
+        items = [it for it in index.items["train"] if it.label == c][: args.n]
+        real[c] = synthesis.load_class_images(recipe, items)
+        steps = plan.classes[c].token_steps or (-1,)
+        # the same seeds and round-robin checkpoints a build gives the class's first n samples
+        specs = [SampleSpec(c, sample_seed(recipe.seed, c, k), steps[k % len(steps)]) for k in range(args.n)]
+        synthetic[c] = [g.image for g in generator.generate(specs, progress=True)]
+    preview_grid(real, synthetic, index.class_names, args.out)
+    print(f"preview of {len(classes)} class(es), {args.n} real and {args.n} synthetic each: {args.out} "
+          f"(tokens in {work}; {time.time() - t0:.1f}s)")
+    return 0
+
+
+def cmd_regenerate(args) -> int:
+    import pyarrow.parquet as pq
+
+    from fillup_data import synthesis
+    from fillup_data.shards.writer import METADATA_KEYS
+
+    out = Path(args.out)
+    rows = pq.read_table(out / "index.parquet", filters=[("key", "=", args.key)]).to_pylist()
+    if not rows:
+        raise FillupError(f"{out / 'index.parquet'}: no sample with key {args.key!r}")
+    image = synthesis.regenerate(out, {k: rows[0][k] for k in METADATA_KEYS})
+    image.save(args.image)
+    print(f"regenerated {args.key} (class {rows[0]['label']} {rows[0]['class_name']!r}, seed {rows[0]['seed']}, "
+          f"token step {rows[0]['token_step']}) -> {args.image}")
+    return 0
+
+
+def cmd_export_token(args) -> int:
+    from fillup_data.inversion import export_diffusers, read_token_file
+
+    token = read_token_file(Path(args.token_file))
+    step = args.step if args.step is not None else token.checkpoint_steps[-1]
+    if step not in token.checkpoint_steps:
+        raise FillupError(f"{args.token_file}: no checkpoint at step {step}; it has {token.checkpoint_steps}")
+    export_diffusers(token, step, Path(args.out), token_name=args.token)
+    print(f"class {token.class_index} {token.class_name!r}, step {step} -> {args.out} "
+          f"(diffusers format: pipe.load_textual_inversion({args.out!r}))")
+    return 0
+
+
 def _manifest_group_table(manifest: dict) -> str:
     head = f"{'group':<8}{'classes':>9}{'real':>11}{'synthetic':>12}{'total':>11}{'test':>9}"
     lines = [head, "-" * len(head)]
@@ -174,6 +251,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("preview", help="invert a few classes and draw real vs synthetic images before a full build")
+    _add_recipe_args(p)
+    p.add_argument("--classes", required=True, help="class indices or names, comma-separated")
+    p.add_argument("--n", type=int, default=8, help="images per class and side")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--tokens", help="folder for the preview's token files (default: next to --out)")
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("regenerate", help="regenerate one synthetic sample of a build from its metadata")
+    p.add_argument("out", help="build folder")
+    p.add_argument("--key", required=True, help="the sample's __key__")
+    p.add_argument("--image", required=True, help="image file to write")
+    p.set_defaults(func=cmd_regenerate)
+
+    p = sub.add_parser("export-token", help="write one checkpoint of a class token in diffusers format")
+    p.add_argument("token_file", help="tokens/NNNNN.safetensors of a build")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--token", default=None, help="token string in the file (default <fillup-NNNNN>)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export_token)
+
     for hook in _optional_hooks():
         hook(sub)
     return parser
@@ -185,7 +284,6 @@ def _optional_hooks():
     for module, names in (
         ("fillup_data.hub", ("add_publish_parser",)),
         ("fillup_data.train.cli", ("add_train_parser", "add_eval_parser")),
-        ("fillup_data.generation.cli", ("add_preview_parser", "add_export_parser")),
     ):
         try:
             mod = __import__(module, fromlist=list(names))

@@ -157,6 +157,9 @@ class InversionConfig(_Strict):
     flip: bool = True
     resolution: int | None = Field(None, ge=8)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    classes_per_pass: int = Field(
+        1, ge=1, description="classes trained jointly, one UNet pass for all (each keeps its own batch and optimizer)"
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> "InversionConfig":
@@ -317,6 +320,13 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 # Fields that do not change the bytes a build produces stay out of the fingerprint, so a build
 # moved to another data root or published elsewhere keeps its identity.
 _NOT_FINGERPRINTED = (("source", "root"), ("publish",))
+
+
+def model_revision(recipe: Recipe) -> str:
+    """What identifies the generator's weights: model id and revision ("" when nothing is generated)."""
+    if recipe.generator.strategy == "none":
+        return ""
+    return f"{recipe.generator.model}@{recipe.generator.revision or 'main'}"
 
 
 def fingerprint(recipe: Recipe, model_revision: str = "") -> str:

@@ -1,0 +1,72 @@
+"""A PNG grid of real vs synthetic images per class, to look before spending GPU-days."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from fillup_data.inversion.token_file import atomic_write_bytes
+
+_LABEL_W = 160
+_GAP = 12
+_BG = (255, 255, 255)
+_EMPTY = (230, 230, 230)
+
+
+def _thumb(image: Image.Image, size: int) -> Image.Image:
+    image = image.convert("RGB")
+    w, h = image.size
+    s = min(w, h)
+    image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return image.resize((size, size), Image.BICUBIC)
+
+
+def preview_grid(
+    real: dict[int, list[Image.Image]],
+    synthetic: dict[int, list[Image.Image]],
+    class_names: list[str],
+    path: str | Path,
+    thumb: int = 96,
+) -> Path:
+    """One row per class: its name, up to n real images, a gap, up to n synthetic images.
+
+    Classes are the union of both dicts, in index order; missing images are grey cells.
+    """
+    classes = sorted(set(real) | set(synthetic))
+    if not classes:
+        raise ValueError("preview_grid: no classes to draw")
+    n_real = max((len(real.get(c, [])) for c in classes), default=0)
+    n_syn = max((len(synthetic.get(c, [])) for c in classes), default=0)
+    header = 24
+    width = _LABEL_W + (n_real + n_syn) * (thumb + 2) + _GAP
+    height = header + len(classes) * (thumb + 4)
+    canvas = Image.new("RGB", (width, height), _BG)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    x_syn = _LABEL_W + n_real * (thumb + 2) + _GAP
+    draw.text((_LABEL_W, 6), "real", fill=(0, 0, 0), font=font)
+    draw.text((x_syn, 6), "synthetic", fill=(0, 0, 0), font=font)
+    for row, c in enumerate(classes):
+        y = header + row * (thumb + 4)
+        name = class_names[c] if 0 <= c < len(class_names) else str(c)
+        draw.text((6, y + thumb // 2 - 6), f"{c}: {name}"[:24], fill=(0, 0, 0), font=font)
+        for k in range(n_real):
+            x = _LABEL_W + k * (thumb + 2)
+            imgs = real.get(c, [])
+            if k < len(imgs):
+                canvas.paste(_thumb(imgs[k], thumb), (x, y))
+            else:
+                draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=_EMPTY)
+        for k in range(n_syn):
+            x = x_syn + k * (thumb + 2)
+            imgs = synthetic.get(c, [])
+            if k < len(imgs):
+                canvas.paste(_thumb(imgs[k], thumb), (x, y))
+            else:
+                draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=_EMPTY)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)

@@ -1,0 +1,167 @@
+"""Stable Diffusion component configs shipped with the package, and random-weight pipelines built from them.
+
+No machine this project tests on reaches a model hub, so the tiny test model and the full-size
+benchmark model are built here from JSON configs with seeded random weights and saved in the
+``save_pretrained`` layout; they are then loaded through the same ``from_pretrained`` path a real
+Stable Diffusion checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fillup_data.errors import FillupError
+
+CONFIG_SETS = ("tiny", "sd15")
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "init")
+
+
+def load_component_config(config_set: str, component: str) -> dict[str, Any]:
+    """One shipped JSON config (``configs/{config_set}_{component}.json``)."""
+    if config_set not in CONFIG_SETS:
+        raise FillupError(f"unknown model config set {config_set!r}; available: {', '.join(CONFIG_SETS)}")
+    if component not in COMPONENTS:
+        raise FillupError(f"unknown model component {component!r}; available: {', '.join(COMPONENTS)}")
+    text = resources.files("fillup_data.models").joinpath("configs", f"{config_set}_{component}.json").read_text()
+    return json.loads(text)
+
+
+def _merges_for(word: str) -> list[tuple[str, str]]:
+    """Left-to-right BPE merges that make ``word</w>`` a single token."""
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    merges = []
+    current = symbols[0]
+    for nxt in symbols[1:]:
+        merges.append((current, nxt))
+        current = current + nxt
+    return merges
+
+
+def build_clip_tokenizer(tok_cfg: dict[str, Any]):
+    """A CLIP BPE tokenizer built from code (no vocab.json download).
+
+    The vocabulary is the 256 byte-level symbols, each also with ``</w>`` (so any text tokenizes),
+    plus merges that make each listed word one token (the TI init word "object" must be a single
+    token), plus ``<|startoftext|>``/``<|endoftext|>`` last, as in CLIP.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for sym in alphabet:
+        vocab[sym] = len(vocab)
+    for sym in alphabet:
+        vocab[sym + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for word in tok_cfg.get("words", []):
+        for a, b in _merges_for(word):
+            if (a, b) in seen:
+                continue
+            seen.add((a, b))
+            merges.append((a, b))
+            if a + b not in vocab:
+                vocab[a + b] = len(vocab)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        bos_token=tok_cfg["bos_token"],
+        eos_token=tok_cfg["eos_token"],
+        unk_token=tok_cfg["unk_token"],
+        pad_token=tok_cfg["pad_token"],
+        model_max_length=tok_cfg["model_max_length"],
+    )
+
+
+def _build_modules(config_set: str):
+    """Instantiate UNet, VAE and text encoder from the shipped configs (weights from the current RNG)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel.from_config(load_component_config(config_set, "unet"))
+    vae = AutoencoderKL.from_config(load_component_config(config_set, "vae"))
+    te_cfg = {k: v for k, v in load_component_config(config_set, "text_encoder").items() if k != "architectures"}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    if config_set == "tiny":
+        init = load_component_config(config_set, "init")
+        with torch.no_grad():
+            for name, module in unet.named_modules():
+                if name.endswith("attn2"):  # cross-attention (attn1 is self-attention)
+                    module.to_k.weight.mul_(init["cross_attention_key_scale"])
+                    module.to_v.weight.mul_(init["cross_attention_value_scale"])
+    return unet, vae, text_encoder
+
+
+def count_parameters(config_set: str) -> dict[str, int]:
+    """Parameter count per module, built on the ``meta`` device (no memory, no init time)."""
+    with torch.device("meta"):
+        unet, vae, text_encoder = _build_modules(config_set)
+    return {
+        "unet": sum(p.numel() for p in unet.parameters()),
+        "vae": sum(p.numel() for p in vae.parameters()),
+        "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+    }
+
+
+def build_random_pipeline(config_set: str = "sd15", path: str | os.PathLike | None = None, seed: int = 0):
+    """A StableDiffusionPipeline of the ``config_set`` architecture with seeded random weights.
+
+    ``sd15`` has the real model's cost (UNet ~860M, VAE ~84M, CLIP-L text ~123M parameters) for
+    GPU benchmarks; ``tiny`` is the test/demo model. With ``path`` the pipeline is also saved there
+    (``save_pretrained`` layout). The caller's global RNG state is left untouched.
+    """
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, vae, text_encoder = _build_modules(config_set)
+    tokenizer = build_clip_tokenizer(load_component_config(config_set, "tokenizer"))
+    # from_config, like from_pretrained, keeps keys other schedulers use (clip_sample for DDIM)
+    scheduler = PNDMScheduler.from_config(load_component_config(config_set, "scheduler"))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if path is not None:
+        pipe.save_pretrained(str(path), safe_serialization=True)
+    return pipe
+
+
+def save_random_pipeline_atomically(config_set: str, dest: Path, seed: int) -> Path:
+    """Build into a temporary sibling folder and rename it into place, so a crash or a concurrent
+    builder never leaves a half-written model where ``from_pretrained`` would find it."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        build_random_pipeline(config_set, tmp, seed)
+        (tmp / "fillup_builtin.json").write_text(
+            json.dumps({"config_set": config_set, "seed": seed}, sort_keys=True) + "\n"
+        )
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            # another process finished first: its copy is byte-identical, keep it
+            if not (dest / "fillup_builtin.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

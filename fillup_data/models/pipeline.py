@@ -1,0 +1,133 @@
+"""Loading a Stable-Diffusion-family pipeline the way a user with network access would.
+
+Every model, the built-in tiny one included, goes through
+``StableDiffusionPipeline.from_pretrained(path_or_id, revision=..., torch_dtype=...)``: the
+built-in alias only resolves to a local folder first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fillup_data.errors import FillupError
+from fillup_data.models.architectures import save_random_pipeline_atomically
+
+# alias -> (config set, seed, cache folder name). Bump the folder name when the architecture or
+# the tokenizer construction changes, so old caches are not reused.
+BUILTIN_MODELS = {
+    "builtin:tiny-sd": ("tiny", 0, "tiny-sd-v1"),
+    "builtin:sd15-random": ("sd15", 0, "sd15-random-v1"),
+}
+SCHEDULERS = ("ddim", "dpmpp_2m", "euler")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cache_dir() -> Path:
+    """``$FILLUP_CACHE/models`` or ``~/.cache/fillup-data/models``."""
+    root = os.environ.get("FILLUP_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "fillup-data"
+    return base / "models"
+
+
+def resolve_model(model: str) -> str:
+    """Map ``builtin:*`` aliases to a local folder (building it once); pass anything else through."""
+    if not model.startswith("builtin:"):
+        return model
+    if model not in BUILTIN_MODELS:
+        raise FillupError(
+            f"generator.model: unknown built-in model {model!r}; available: {', '.join(sorted(BUILTIN_MODELS))}"
+        )
+    config_set, seed, folder = BUILTIN_MODELS[model]
+    dest = cache_dir() / folder
+    if not (dest / "model_index.json").is_file() or not (dest / "fillup_builtin.json").is_file():
+        save_random_pipeline_atomically(config_set, dest, seed)
+    return str(dest)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` = float16 on CUDA (how SD 1.5 is run in practice), float32 on CPU (fp16 CPU kernels are slow or missing)."""
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise FillupError(f"generator.dtype: {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def set_scheduler(pipe, scheduler: str) -> None:
+    """Swap the sampler by name, keeping the model's noise schedule (``from_config``)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    config = pipe.scheduler.config
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(config)
+    elif scheduler == "dpmpp_2m":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    elif scheduler == "euler":
+        pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+    else:
+        raise FillupError(f"generator.scheduler: {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+
+
+def _dtype_kwarg(torch_dtype: torch.dtype) -> dict:
+    """diffusers 0.42 renamed ``torch_dtype`` to ``dtype`` (the old name warns); older releases know only ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": torch_dtype}
+
+
+def load_pipeline(
+    model: str,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    scheduler: str = "ddim",
+    safety_checker: bool = False,
+):
+    """Load a diffusers StableDiffusionPipeline by hub id, local folder or ``builtin:*`` alias.
+
+    The safety checker is off unless asked for: its false positives replace images with black
+    ones, which in a training set is label noise (the generator also detects black images).
+    The DDIM ``eta`` is a sampling argument, passed at generation time, not here.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    path = resolve_model(model)
+    kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, revision=revision, **_dtype_kwarg(torch_dtype), **kwargs)
+    except (OSError, ValueError) as err:
+        offline = " (HF_HUB_OFFLINE is set: only cached models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise FillupError(
+            f"generator.model: cannot load {model!r} (revision {revision or 'default'}){offline}: {err}. "
+            "Give a hub id of a Stable-Diffusion-family diffusers pipeline, a local folder in the "
+            "save_pretrained layout, or builtin:tiny-sd for the offline demo model."
+        ) from err
+    if safety_checker and getattr(pipe, "safety_checker", None) is None:
+        raise FillupError(
+            f"generator.safety_checker: true, but {model!r} ships no safety checker; set it to false"
+        )
+    set_scheduler(pipe, scheduler)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline_for(cfg, device: str | None = None):
+    """``load_pipeline`` from a recipe's ``GeneratorConfig``."""
+    return load_pipeline(
+        cfg.model,
+        revision=cfg.revision,
+        dtype=cfg.dtype,
+        device=device,
+        scheduler=cfg.scheduler,
+        safety_checker=cfg.safety_checker,
+    )

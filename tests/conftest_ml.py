@@ -1,0 +1,54 @@
+"""Fixtures for the ML-core tests (models, inversion, generation); imported by tests/conftest.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from PIL import Image, ImageDraw
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cache(tmp_path_factory):
+    """A private FILLUP_CACHE so tests build the built-in tiny model once, offline."""
+    saved = {k: os.environ.get(k) for k in ("FILLUP_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    cache = tmp_path_factory.mktemp("fillup-cache")
+    os.environ.update({"FILLUP_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    yield cache
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def fresh_tiny_pipe(tiny_model_cache):
+    """A newly loaded tiny pipeline (for tests that modify it)."""
+    from fillup_data.models import load_pipeline
+
+    return load_pipeline("builtin:tiny-sd", device="cpu", scheduler="ddim")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model_cache):
+    """A shared tiny pipeline; tests must not modify it."""
+    from fillup_data.models import load_pipeline
+
+    return load_pipeline("builtin:tiny-sd", device="cpu", scheduler="ddim")
+
+
+def draw_class_images(n: int, colour=(200, 30, 30), shape_colour=(20, 20, 220), size: int = 40) -> list[Image.Image]:
+    """``n`` small images of one procedurally drawn class (a disc on a plain background)."""
+    images = []
+    for i in range(n):
+        im = Image.new("RGB", (size + 2 * i, size), colour)
+        d = ImageDraw.Draw(im)
+        d.ellipse((5 + i, 5, 30 + i, 30), fill=shape_colour)
+        images.append(im)
+    return images
+
+
+@pytest.fixture
+def class_images():
+    return draw_class_images(4)

@@ -1,0 +1,85 @@
+"""Model loading, the built-in tiny pipeline and the shipped full-size configs."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fillup_data.errors import FillupError
+from fillup_data.models import count_parameters, load_component_config, load_pipeline, resolve_model
+from fillup_data.models.architectures import save_random_pipeline_atomically
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_sd15_configs_have_the_real_parameter_counts():
+    counts = count_parameters("sd15")  # meta device: no memory, no init
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert load_component_config("sd15", "tokenizer")["model_max_length"] == 77
+    assert load_component_config("sd15", "scheduler")["beta_schedule"] == "scaled_linear"
+
+
+def test_tiny_model_builds_deterministically_and_fast(tmp_path):
+    t0 = time.perf_counter()
+    a = save_random_pipeline_atomically("tiny", tmp_path / "a", seed=0)
+    elapsed = time.perf_counter() - t0
+    b = save_random_pipeline_atomically("tiny", tmp_path / "b", seed=0)
+    c = save_random_pipeline_atomically("tiny", tmp_path / "c", seed=1)
+    assert elapsed < 5.0
+    da, db, dc = _tree_digest(a), _tree_digest(b), _tree_digest(c)
+    assert da == db
+    assert "unet/diffusion_pytorch_model.safetensors" in da
+    assert da["unet/diffusion_pytorch_model.safetensors"] != dc["unet/diffusion_pytorch_model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_builtin_alias_resolves_to_cached_folder(tiny_model_cache):
+    path = Path(resolve_model("builtin:tiny-sd"))
+    assert path.is_dir() and (path / "model_index.json").is_file()
+    assert str(path).startswith(str(tiny_model_cache))
+    assert resolve_model("builtin:tiny-sd") == str(path)  # built once, then reused
+    assert resolve_model("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    with pytest.raises(FillupError, match="builtin:tiny-sd"):
+        resolve_model("builtin:nope")
+
+
+def test_tiny_tokenizer_knows_init_word_and_prompt_words(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    assert tok.tokenize("object") == ["object</w>"]
+    ids = tok("a photo of a red cat, cropped!").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.unk_token_id not in ids[1:-1]
+    assert tok.model_max_length == 77
+
+
+@pytest.mark.parametrize(
+    "name,cls", [("ddim", "DDIMScheduler"), ("dpmpp_2m", "DPMSolverMultistepScheduler"), ("euler", "EulerDiscreteScheduler")]
+)
+def test_load_pipeline_swaps_scheduler(tiny_model_cache, name, cls):
+    pipe = load_pipeline("builtin:tiny-sd", device="cpu", scheduler=name)
+    assert type(pipe.scheduler).__name__ == cls
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"  # the model's schedule is kept
+    assert pipe.unet.dtype == torch.float32  # auto on CPU
+    assert pipe.safety_checker is None
+
+
+def test_load_pipeline_errors_are_actionable(tiny_model_cache, tmp_path):
+    with pytest.raises(FillupError, match="ships no safety checker"):
+        load_pipeline("builtin:tiny-sd", device="cpu", safety_checker=True)
+    with pytest.raises(FillupError, match="cannot load"):
+        load_pipeline(str(tmp_path / "missing-model"), device="cpu")
+
+
+def test_load_pipeline_dtype(tiny_model_cache):
+    pipe = load_pipeline("builtin:tiny-sd", device="cpu", dtype="bfloat16")
+    assert pipe.unet.dtype == torch.bfloat16
