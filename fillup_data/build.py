@@ -208,6 +208,10 @@ def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str)
 
             tokens.append({"path": f"tokens/{c.index:05d}.safetensors", "class_index": c.index,
                            "num_bytes": tp.stat().st_size, "sha256": sha256_file(tp)})
+            dp = out / "tokens" / "diffusers" / f"{c.index:05d}.safetensors"
+            if dp.is_file():
+                tokens.append({"path": f"tokens/diffusers/{c.index:05d}.safetensors", "class_index": c.index,
+                               "num_bytes": dp.stat().st_size, "sha256": sha256_file(dp), "format": "diffusers"})
     skipped = index.skipped + [x for rec in records for x in rec["skipped"]]
     retries = sum(rec.get("retries", 0) for rec in records)
     manifest = {

@@ -55,7 +55,7 @@ def cmd_plan(args) -> int:
     by_origin = {}
     for s in plan.shards:
         by_origin[f"{s.split}-{s.origin}"] = by_origin.get(f"{s.split}-{s.origin}", 0) + 1
-    print(f"shards: " + ", ".join(f"{k} {v}" for k, v in by_origin.items()))
+    print("shards: " + ", ".join(f"{k} {v}" for k, v in by_origin.items()))
     if index.skipped:
         print("skipped images: " + ", ".join(f"{n} {r}" for r, n in index.skip_counts().items()))
     print(f"images to generate: {plan.num_synthetic:,}   (planned in {time.time() - t0:.1f}s)")

@@ -128,8 +128,11 @@ def plan_files(out: Path, manifest: dict, include_real: bool, card: str) -> tupl
         if rel not in listed:
             raise FillupError(f"{p}: shard not listed in manifest.json; remove it or rebuild so the manifest lists it")
     tokens = {t["path"]: t for t in manifest.get("tokens") or []}
-    for p in sorted((out / "tokens").glob("*.safetensors")) if (out / "tokens").is_dir() else []:
-        rel = f"tokens/{p.name}"
+    # tokens/NNNNN.safetensors (every checkpoint) and tokens/diffusers/NNNNN.safetensors (load_textual_inversion)
+    for p in sorted((out / "tokens").rglob("*.safetensors")) if (out / "tokens").is_dir() else []:
+        rel = p.relative_to(out).as_posix()
+        if ".partial." in p.name:
+            continue
         files.append(_LocalFile(rel, p, p.stat().st_size, tokens.get(rel, {}).get("sha256")))
     if (out / "index.parquet").is_file():
         files.append(_LocalFile("index.parquet", out / "index.parquet", (out / "index.parquet").stat().st_size))

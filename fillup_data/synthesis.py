@@ -73,6 +73,19 @@ def invert_all(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, pipe, 
     return len(todo)
 
 
+def export_final_tokens(out: Path, classes: list[int]) -> None:
+    """``tokens/diffusers/NNNNN.safetensors``: the last checkpoint in the one-key diffusers format, so
+    ``pipe.load_textual_inversion(path)`` takes a class token without our reader."""
+    from fillup_data.inversion import export_diffusers, read_token_file
+
+    for c in classes:
+        dest = out / "tokens" / "diffusers" / f"{c:05d}.safetensors"
+        if not dest.is_file():
+            token = read_token_file(token_path(out, c))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            export_diffusers(token, token.checkpoint_steps[-1], dest)
+
+
 def synthetic_metadata(recipe: Recipe, class_index: int, class_name: str, prompt: str, seed: int, token_step: int) -> dict:
     g = recipe.generator
     return {
@@ -137,6 +150,7 @@ def run(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, shards: list[
     trained = 0
     if recipe.generator.strategy == "textual_inversion":
         trained = invert_all(recipe, plan, index, out, pipe, progress)
+        export_final_tokens(out, [c.index for c in plan.classes if c.synthetic > 0])
     generator = make_generator(recipe, plan.classes, out, pipe)
     bar = tqdm(total=sum(len(s.samples) for s in todo), desc="generate", unit="img", disable=not progress)
     for shard in todo:

@@ -1,18 +1,14 @@
 """``fillup-data publish`` against the loopback Hub, with the real ``huggingface_hub``/``datasets`` clients.
 
-The build under test is a real demo build (``generator.strategy=none``) to which the fixture adds
-two synthetic-origin shards and per-class token files in the build's own formats, so that the
-real/synthetic publishing rules can be exercised before the synthesis stage exists.
+The build under test is a real demo build with Textual Inversion on the tiny pipeline, shrunk (fewer
+images and steps, small shards) so it takes seconds: several real and synthetic shards and token files.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil
-import tarfile
 import textwrap
 from pathlib import Path
 
@@ -28,55 +24,15 @@ REPO = "org/demo-fillup"
 
 
 # --------------------------------------------------------------------------- fixtures
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _add_synthetic(out: Path) -> None:
-    """Add 2 synthetic-origin shards and token files (as the synthesis stage will) to a real-only build."""
-    import torch
-    from safetensors.torch import save_file
-
-    from fillup_data.shards.card import render_card
-
+def _real_shards(out: Path) -> list[str]:
     manifest = json.loads((out / "manifest.json").read_text())
-    with tarfile.open(out / "data" / "train-real-00000.tar") as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
-    samples: dict[str, dict[str, bytes]] = {}
-    for m, data in members:
-        key, ext = m.name.split(".", 1)
-        samples.setdefault(key, {})[ext] = data
-    keys = sorted(samples)[:40]
-    counts = [0] * len(manifest["classes"])
-    for part, chunk in enumerate((keys[:20], keys[20:])):
-        path = out / "data" / f"train-synthetic-{part:05d}.tar"
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i, key in enumerate(chunk):
-                meta = json.loads(samples[key]["json"])
-                meta.update(is_synthetic=True, strategy="textual_inversion", prompt=f"a photo of a <cls-{meta['label']}>",
-                            seed=1000 + i, token_step=10, guidance_scale=1.0, num_inference_steps=10,
-                            model="builtin:tiny-sd", source_path="")
-                counts[meta["label"]] += 1
-                new_key = f"syn{part}{i:04d}"
-                for ext, data in sorted(samples[key].items()):
-                    data = json.dumps(meta).encode() if ext == "json" else data
-                    info = tarfile.TarInfo(f"{new_key}.{ext}")
-                    info.size, info.mtime = len(data), 0
-                    tar.addfile(info, io.BytesIO(data))
-        manifest["shards"].append({"path": f"data/{path.name}", "split": "train", "origin": "synthetic",
-                                   "num_samples": len(chunk), "num_bytes": path.stat().st_size, "sha256": _sha256(path)})
-    (out / "tokens").mkdir(exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-    manifest["tokens"] = []
-    for c in manifest["classes"][:3]:
-        path = out / "tokens" / f"{c['index']:05d}.safetensors"
-        save_file({f"<cls-{c['index']}>": torch.randn(4, 32, generator=gen)}, str(path))
-        manifest["tokens"].append({"path": f"tokens/{path.name}", "class_index": c["index"],
-                                   "num_bytes": path.stat().st_size, "sha256": _sha256(path)})
-    for c in manifest["classes"]:
-        c["synthetic"] = counts[c["index"]]
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    (out / "README.md").write_text(render_card(manifest, include_real=True))
+    return sorted(s["path"] for s in manifest["shards"] if s["origin"] == "real")
+
+
+def _count(out: Path, split: str, synthetic: bool | None = None) -> int:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return sum(s["num_samples"] for s in manifest["shards"] if s["split"] == split
+               and (synthetic is None or (s["origin"] == "synthetic") == synthetic))
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +44,10 @@ def demo_template(tmp_path_factory) -> Path:
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("demo") / "build"
-    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "demo.yaml", ["generator.strategy=none"])
+    from tests.test_synthesis import MINI
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "demo.yaml", MINI)
     run_build(recipe, out, workers=1, progress=False, log=lambda *_: None)
-    _add_synthetic(out)
     return out
 
 
@@ -117,7 +74,7 @@ def _uploadable(out: Path) -> set[str]:
     from fillup_data.hub import _card_links
 
     files = {f"data/{p.name}" for p in (out / "data").glob("*.tar")}
-    files |= {f"tokens/{p.name}" for p in (out / "tokens").glob("*.safetensors")} | {"index.parquet"}
+    files |= {p.relative_to(out).as_posix() for p in (out / "tokens").rglob("*.safetensors")} | {"index.parquet"}
     return files | set(_card_links((out / "README.md").read_text(), out))
 
 
@@ -158,7 +115,7 @@ def test_publish_then_load_dataset_matches_local(hub: HubServer, demo_build: Pat
     assert set(files) == {".gitattributes", "README.md", "manifest.json"} | _uploadable(demo_build)
     assert {"index.parquet", "data/train-real-00000.tar", "data/test-real-00000.tar",
             "data/train-synthetic-00000.tar", "data/train-synthetic-00001.tar",
-            "tokens/00000.safetensors", "tokens/00001.safetensors", "tokens/00002.safetensors"} <= set(files)
+            "tokens/00001.safetensors", "tokens/00002.safetensors", "tokens/diffusers/00002.safetensors"} <= set(files)
     for p in files:  # byte-identical; the card is the refreshed one naming the repo
         if p not in (".gitattributes", "README.md"):
             assert files[p] == (demo_build / p).read_bytes(), p
@@ -171,15 +128,16 @@ def test_publish_then_load_dataset_matches_local(hub: HubServer, demo_build: Pat
     local = rows(load_dataset({str(demo_build)!r}))
     remote = rows(load_dataset("{REPO}", revision="v1.0.0"))
     syn = load_dataset("{REPO}", "synthetic", revision="v1.0.0")
-    token = load_file(hf_hub_download("{REPO}", "tokens/00001.safetensors", repo_type="dataset", revision="v1.0.0"))
+    token = load_file(hf_hub_download("{REPO}", "tokens/diffusers/00001.safetensors", repo_type="dataset",
+                                      revision="v1.0.0"))
     print(json.dumps({{"same": local == remote, "sizes": {{k: len(v) for k, v in remote.items()}},
                        "syn": {{k: len(v) for k, v in syn.items()}}, "token": {{k: list(v.shape) for k, v in token.items()}},
                        "cls_names": load_dataset("{REPO}", revision="v1.0.0", split="test").features["cls"].names}}))
     """)
     assert got["same"], "load_dataset through the Hub differs from load_dataset(OUT)"
-    assert got["sizes"] == {"train": 462 + 40, "test": 200}
-    assert got["syn"] == {"train": 40}
-    assert got["token"] == {"<cls-1>": [4, 32]}
+    assert got["sizes"] == {"train": _count(demo_build, "train"), "test": _count(demo_build, "test")}
+    assert got["syn"] == {"train": _count(demo_build, "train", synthetic=True)} and got["syn"]["train"] > 0
+    assert got["token"] == {"<fillup-00001>": [4, 32]}
     manifest = json.loads((demo_build / "manifest.json").read_text())
     assert got["cls_names"] == [c["name"] for c in manifest["classes"]]
 
@@ -191,11 +149,12 @@ def test_real_images_excluded_by_default_and_card_lists_only_what_repo_holds(hub
     (demo_build / "manifest.json").write_text(json.dumps(manifest, indent=2))
     res = _publish(hub, demo_build)
     assert not res.include_real
-    assert sorted(res.excluded_real) == ["data/test-real-00000.tar", "data/train-real-00000.tar"]
+    assert sorted(res.excluded_real) == _real_shards(demo_build)
     files = hub.files_at(REPO, "v1.0.0")
     assert not any("-real-" in p for p in files)
     assert not any(p.startswith((".fillup", "report")) for p in files)  # build state never leaves the machine
-    assert {"tokens/00000.safetensors", "index.parquet", "manifest.json"} <= set(files)
+    assert {"tokens/00001.safetensors", "index.parquet", "manifest.json"} <= set(files)
+    assert "assets/samples-synthetic.png" in files and "assets/samples.png" not in files  # no real pixels
     from huggingface_hub import DatasetCard
 
     card = DatasetCard(files["README.md"].decode())
@@ -206,7 +165,8 @@ def test_real_images_excluded_by_default_and_card_lists_only_what_repo_holds(hub
     ds = load_dataset("{REPO}", revision="v1.0.0")
     print(json.dumps({{k: [len(v), sum(r["is_synthetic"] for r in v["json"])] for k, v in ds.items()}}))
     """)
-    assert got == {"train": [40, 40]}
+    n = _count(demo_build, "train", synthetic=True)
+    assert got == {"train": [n, n]}
 
 
 def test_load_textual_inversion_from_the_published_repo(hub: HubServer, demo_build: Path, tmp_path: Path):
@@ -214,17 +174,19 @@ def test_load_textual_inversion_from_the_published_repo(hub: HubServer, demo_bui
     ``load_textual_inversion`` itself only fetches from model repos)."""
     import torch
     from huggingface_hub import hf_hub_download
-    from safetensors.torch import load_file
 
     from fillup_data.models.architectures import build_random_pipeline
 
     res = _publish(hub, demo_build, include_real=True)
-    path = hf_hub_download(REPO, "tokens/00002.safetensors", repo_type="dataset", revision=res.tag,
+    from fillup_data.inversion import read_token_file
+
+    path = hf_hub_download(REPO, "tokens/diffusers/00002.safetensors", repo_type="dataset", revision=res.tag,
                            endpoint=hub.endpoint, token=TOKEN, cache_dir=tmp_path / "cache")
     pipe = build_random_pipeline("tiny")
     pipe.load_textual_inversion(path)
-    expected = load_file(demo_build / "tokens" / "00002.safetensors")["<cls-2>"]
-    names = ["<cls-2>"] + [f"<cls-2>_{i}" for i in range(1, 4)]  # diffusers' multi-vector expansion
+    token = read_token_file(demo_build / "tokens" / "00002.safetensors")
+    expected = token.vectors(token.checkpoint_steps[-1])  # the last checkpoint of the learned token
+    names = ["<fillup-00002>"] + [f"<fillup-00002>_{i}" for i in range(1, 4)]  # diffusers' multi-vector expansion
     ids = pipe.tokenizer.convert_tokens_to_ids(names)
     got = pipe.text_encoder.get_input_embeddings().weight[ids]
     assert torch.equal(got, expected.to(got.dtype))
@@ -306,7 +268,7 @@ def test_tag_with_real_images_is_not_reused_without_them(hub: HubServer, demo_bu
         _publish(hub, demo_build, include_real=False)
     # a new tag without real images deletes the real shards from main, the old tag keeps them
     res = _publish(hub, demo_build, include_real=False, tag="v1.0.0-synthetic")
-    assert sorted(res.deleted) == ["data/test-real-00000.tar", "data/train-real-00000.tar"]
+    assert sorted(res.deleted) == _real_shards(demo_build)
     assert not any("-real-" in p for p in hub.files_at(REPO, res.tag))
     assert "data/train-real-00000.tar" in hub.files_at(REPO, "v1.0.0")
 

@@ -57,7 +57,17 @@ def test_every_class_filled_and_metadata(ti_build):
             assert set(used) <= set(c["token_steps"]) and max(used.values()) - min(used.values()) <= 1
             assert (ti_build / "tokens" / f"{c['index']:05d}.safetensors").is_file()
     assert {t["path"] for t in manifest["tokens"]} == {
-        f"tokens/{c['index']:05d}.safetensors" for c in manifest["classes"] if c["synthetic"]}
+        f"tokens/{sub}{c['index']:05d}.safetensors" for c in manifest["classes"] if c["synthetic"]
+        for sub in ("", "diffusers/")}
+    # the diffusers export is the last checkpoint, loadable by load_textual_inversion as it is
+    from safetensors.torch import load_file
+
+    from fillup_data.inversion import read_token_file
+
+    token = read_token_file(ti_build / "tokens" / "00009.safetensors")
+    exported = load_file(ti_build / "tokens" / "diffusers" / "00009.safetensors")
+    assert list(exported) == ["<fillup-00009>"]
+    assert exported["<fillup-00009>"].equal(token.vectors(token.checkpoint_steps[-1]))
 
 
 def test_regenerate_three_samples_from_metadata_alone(ti_build):
