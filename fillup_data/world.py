@@ -159,3 +159,102 @@ def longtail_counts(num_classes: int, max_images: int, min_images: int) -> list[
         max(min_images, int(math.floor(max_images * ratio ** (i / (num_classes - 1)) + 1e-9)))
         for i in range(num_classes)
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions and the pretraining sampler of the toyworld generator (issue 6).
+
+# (shape, colour) pairs never shown to the generator in pretraining. One per shape and one per
+# colour, so every shape and every colour is still seen in 7 other combinations. The demo's tail
+# classes (``world_classes(10)[6:]``: white diamond, orange hexagon, yellow circle, purple square)
+# are among them, so the demo's few-shot classes are ones the generator can only reach by
+# composing words it knows, or by Textual Inversion from the class's few images.
+HELD_OUT = (
+    ("diamond", "white"),
+    ("hexagon", "orange"),
+    ("circle", "yellow"),
+    ("square", "purple"),
+    ("star", "red"),
+    ("triangle", "cyan"),
+    ("cross", "green"),
+    ("ring", "blue"),
+)
+
+# The generic noun: "a red object" teaches the generator that "object" means "some shape", which
+# makes it a neutral starting point for Textual Inversion's init word (it names no class).
+GENERIC_SHAPE = "object"
+
+# The prompt prefixes Textual Inversion trains with and generation uses ("a photo of a {token}",
+# fillup_data.inversion.TEMPLATES), so the generator has seen those words around a class phrase.
+CAPTION_PREFIXES = (
+    "a photo of a", "a rendering of a", "a cropped photo of the", "the photo of a", "a photo of a clean",
+    "a photo of a dirty", "a dark photo of the", "a photo of my", "a photo of the cool",
+    "a close-up photo of a", "a bright photo of the", "a cropped photo of a", "a photo of the",
+    "a good photo of the", "a photo of one", "a close-up photo of the", "a rendition of the",
+    "a photo of the clean", "a rendition of a", "a photo of a nice", "a good photo of a",
+    "a photo of the nice", "a photo of the small", "a photo of the weird", "a photo of the large",
+    "a photo of a cool", "a photo of a small",
+)  # fmt: skip
+
+
+def world_words() -> list[str]:
+    """Every word a caption can contain (the toyworld tokenizer makes each one token)."""
+    words = set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | {GENERIC_SHAPE, "a", "an", "on", "background"}
+    for prefix in CAPTION_PREFIXES:
+        words.update(prefix.replace("-", " ").split())
+    return sorted(words)
+
+
+def pretraining_combos() -> list[tuple[str, str]]:
+    """All (shape, colour) pairs except ``HELD_OUT``."""
+    held = set(HELD_OUT)
+    return [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in held]
+
+
+def article(word: str) -> str:
+    """"an orange star", "a red star"."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def sample_caption(rng: np.random.Generator, shape: str, colour: str, background: str) -> str:
+    """One caption of a drawn image; the mix of forms is fixed here so training is reproducible.
+
+    ~10% empty (the unconditional branch of classifier-free guidance); otherwise the full
+    "a red circle on a gray background", the short "a red circle" / "red circle", a TI-style
+    prefix ("a photo of a red circle"), or a partial description with one attribute left out
+    ("a red object", "a circle") so that each word carries its own meaning.
+    """
+    u = rng.random()
+    if u < 0.10:
+        return ""
+    noun = f"{colour} {shape}"
+    art = article(colour)
+    if u < 0.35:
+        return f"{art} {noun} on a {background} background"
+    if u < 0.50:
+        return f"{art} {noun}"
+    if u < 0.60:
+        return noun
+    if u < 0.80:
+        return f"{CAPTION_PREFIXES[int(rng.integers(len(CAPTION_PREFIXES)))]} {noun}"
+    if u < 0.90:
+        return f"{art} {colour} {GENERIC_SHAPE}" + (f" on a {background} background" if rng.random() < 0.5 else "")
+    return f"a {shape}" + (f" on a {background} background" if rng.random() < 0.5 else "")
+
+
+def sample_world(seed: int, n: int, size: int = 32, combos: list[tuple[str, str]] | None = None):
+    """``n`` pretraining examples: uint8 images ``[n, size, size, 3]``, captions, and (shape, colour)
+    index pairs (into ``SHAPES``/``COLOURS``). Deterministic in ``seed``; held-out pairs never appear
+    unless ``combos`` names them."""
+    combos = pretraining_combos() if combos is None else list(combos)
+    rng = np.random.default_rng([seed, 0x70])
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    captions: list[str] = []
+    labels = np.empty((n, 2), dtype=np.int64)
+    for i in range(n):
+        shape, colour = combos[int(rng.integers(len(combos)))]
+        img, meta = draw(shape, colour, [seed, 0x71, i], size=size)
+        images[i] = np.asarray(img)
+        captions.append(sample_caption(rng, shape, colour, meta["background"]))
+        labels[i] = (SHAPES.index(shape), list(COLOURS).index(colour))
+    return images, captions, labels
