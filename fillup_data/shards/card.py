@@ -158,6 +158,29 @@ def render_card(manifest: dict, include_real: bool = True, repo_id: str | None =
         if include_real or not has_syn
         else "![synthetic samples of head, medium and tail classes](assets/samples-synthetic.png)"
     )
+    origin = "synthetic" if has_syn else "real"
+    n_train = sum(1 for sh in manifest["shards"] if sh["split"] == "train" and sh["origin"] == origin)
+    wds_pattern = (f"data/train-{origin}-00000.tar" if n_train <= 1
+                   else f"data/train-{origin}-{{00000..{n_train - 1:05d}}}.tar")
+    token_classes = sorted({t["class_index"] for t in manifest.get("tokens") or []})
+    tokens_section = ""
+    if token_classes:
+        c = f"{token_classes[0]:05d}"
+        tokens_section = f"""## Class tokens
+
+`tokens/diffusers/NNNNN.safetensors` is class NNNNN's learned Textual Inversion token (last checkpoint) in
+diffusers format; `tokens/NNNNN.safetensors` holds every checkpoint (`step_00100`, ...) with metadata.
+
+```python
+from huggingface_hub import hf_hub_download
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{gen['model']}")
+pipe.load_textual_inversion(hf_hub_download("{target}", "tokens/diffusers/{c}.safetensors",
+                                            repo_type="dataset", revision="v{version}"))
+image = pipe("a photo of a <fillup-{c}>", guidance_scale={gen['guidance_scale']}).images[0]
+```
+
+"""
     yaml_text = yaml.dump(meta, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True, width=120)
     body = f"""# {name}
 
@@ -199,13 +222,26 @@ ds = load_dataset("{target}", revision="v{version}")            # or "real" / "s
 ```
 ```python
 import webdataset as wds                                       # plain webdataset
-ds = wds.WebDataset("data/train-synthetic-{{00000..00009}}.tar").decode("pil").to_tuple("{ext}", "cls", "json")
+ds = wds.WebDataset("{wds_pattern}").decode("pil").to_tuple("{ext}", "cls", "json")
 ```
 ```python
-from fillup_data.loader import ...                              # streaming loader + Balanced Softmax trainer
+from fillup_data.loader import TrainingData, make_loader, train_transform   # pip install fillup-data
+data = TrainingData.open("{target}@v{version}")                 # data.real_counts: the Balanced Softmax prior
+loader = make_loader(data, "filled", "train", batch_size=64, transform=train_transform(224))
 ```
 
-`index.parquet` has one row per sample (key, shard, byte offset and size inside the tar, and all metadata),
+## Regenerate any synthetic image from its metadata
+
+Every synthetic image has its own seeded generator: its `json` (class, `seed`, `token_step`, `prompt`, guidance,
+steps, model) and this repo's `manifest.json` (scheduler, resolution, batch size) and token files regenerate it
+with identical pixels on CPU:
+
+```python
+from fillup_data.synthesis import regenerate
+image = regenerate("path/to/local/copy", sample["json"])     # or: fillup-data regenerate BUILD --key KEY --image x.png
+```
+
+{tokens_section}`index.parquet` has one row per sample (key, shard, byte offset and size inside the tar, and all metadata),
 `manifest.json` the recipe, per-class counts and every shard's sha256; `tokens/NNNNN.safetensors` every checkpoint of
 each class's learned token.
 {body_extra}
