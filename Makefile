@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_PINS = torch==2.14.1 torchvision==0.29.1
 OUT ?= out/demo
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test experiment clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,8 @@ test: venv
 
 clean:
 	rm -rf $(VENV) out
+
+# The paper's Table 6 in miniature on the demo world (CE, BS, Fill-Up I, Fill-Up I+II; 3 seeds).
+experiment: venv
+	$(VENV)/bin/python -m fillup_data.experiment --recipe recipes/demo_experiment.yaml \
+		--train-config recipes/train/demo_experiment.yaml --seeds 0 1 2 --out out/experiment --results results
