@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fillup_data.inversion.token_file import atomic_write_bytes
 
-_LABEL_W = 160
+_LABEL_W = 190
 _GAP = 12
 _BG = (255, 255, 255)
 _EMPTY = (230, 230, 230)
@@ -20,7 +20,8 @@ def _thumb(image: Image.Image, size: int) -> Image.Image:
     w, h = image.size
     s = min(w, h)
     image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    return image.resize((size, size), Image.BICUBIC)
+    # small images (32 px worlds, CIFAR) are blown up with visible pixels rather than blurred
+    return image.resize((size, size), Image.NEAREST if s * 2 <= size else Image.BICUBIC)
 
 
 def preview_grid(
@@ -46,12 +47,13 @@ def preview_grid(
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     x_syn = _LABEL_W + n_real * (thumb + 2) + _GAP
-    draw.text((_LABEL_W, 6), "real", fill=(0, 0, 0), font=font)
+    if n_real:
+        draw.text((_LABEL_W, 6), "real", fill=(0, 0, 0), font=font)
     draw.text((x_syn, 6), "synthetic", fill=(0, 0, 0), font=font)
     for row, c in enumerate(classes):
         y = header + row * (thumb + 4)
         name = class_names[c] if 0 <= c < len(class_names) else str(c)
-        draw.text((6, y + thumb // 2 - 6), f"{c}: {name}"[:24], fill=(0, 0, 0), font=font)
+        draw.text((6, y + thumb // 2 - 6), f"{c}: {name}"[:30], fill=(0, 0, 0), font=font)
         for k in range(n_real):
             x = _LABEL_W + k * (thumb + 2)
             imgs = real.get(c, [])

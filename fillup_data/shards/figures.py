@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 DISTRIBUTION_PNG = "assets/class_distribution.png"
 SAMPLES_PNG = "assets/samples.png"
@@ -66,8 +66,10 @@ def pick_classes(manifest: dict, per_group: int = 2) -> list[int]:
 
 def sample_grid(out: Path, manifest: dict, path: Path, per_side: int = 4, cell: int = 96,
                 include_real: bool = True) -> Path:
-    """Rows of classes; left half real training images, right half synthetic ones (or synthetic only)."""
+    """Rows of head, medium and tail classes: real training images beside synthetic ones (or synthetic only)."""
     import pyarrow.parquet as pq
+
+    from fillup_data.generation.preview import preview_grid
 
     rows = pq.read_table(out / "index.parquet", columns=["key", "shard", "split", "image_offset", "image_size",
                                                         "label", "is_synthetic"]).to_pylist()
@@ -76,27 +78,8 @@ def sample_grid(out: Path, manifest: dict, path: Path, per_side: int = 4, cell: 
         if r["split"] == "train":
             by.setdefault((r["label"], r["is_synthetic"]), []).append(r)
     classes = pick_classes(manifest)
-    label_w = 150
-    sides = ((0, False), (1, True)) if include_real else ((0, True), (1, True))
-    W = label_w + cell * per_side * 2 + 12
-    H = 22 + cell * max(1, len(classes))
-    canvas = Image.new("RGB", (W, H), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((label_w, 4), "real" if include_real else "synthetic", fill=(0, 0, 0))
-    draw.text((label_w + cell * per_side + 12, 4), "synthetic", fill=(0, 0, 0))
-    names = {c["index"]: c for c in manifest["classes"]}
-    for i, c in enumerate(classes):
-        y = 22 + i * cell
-        info = names[c]
-        draw.text((4, y + cell // 2 - 12), f"{info['name'][:22]}", fill=(0, 0, 0))
-        draw.text((4, y + cell // 2 + 2), f"{info['group']}, {info['real']} real", fill=(90, 90, 90))
-        for side, synthetic in sides:
-            offset = per_side if (side == 1 and not include_real) else 0
-            for j, r in enumerate(by.get((c, synthetic), [])[offset: offset + per_side]):
-                img = _read_image(out, r)
-                small = min(img.size) < cell  # tiny images: keep their pixels visible
-                img = img.resize((cell - 4, cell - 4), Image.Resampling.NEAREST if small else Image.Resampling.BICUBIC)
-                canvas.paste(img, (label_w + side * (cell * per_side + 12) + j * cell + 2, y + 2))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
-    return path
+    real = {c: [_read_image(out, r) for r in by.get((c, False), [])[:per_side]] for c in classes} if include_real else {}
+    synthetic = {c: [_read_image(out, r) for r in by.get((c, True), [])[: per_side * (1 if include_real else 2)]]
+                 for c in classes}
+    names = [f"{c['name']} ({c['group']}, {c['real']})" for c in sorted(manifest["classes"], key=lambda c: c["index"])]
+    return preview_grid(real, synthetic, names, path, thumb=cell)
