@@ -204,11 +204,13 @@ def test_is_bad_image():
 def test_preview_grid(tmp_path):
     real = {0: [Image.new("RGB", (40, 30), (255, 0, 0))] * 3, 2: [Image.new("RGB", (20, 20), (0, 255, 0))]}
     syn = {0: [Image.new("RGB", (32, 32), (0, 0, 255))] * 2, 2: [Image.new("RGB", (32, 32), (9, 9, 9))] * 2}
+    from fillup_data.generation.preview import _LABEL_W as L
+
     out = preview_grid(real, syn, CLASSES, tmp_path / "grid.png", thumb=16)
     with Image.open(out) as im:
         assert im.format == "PNG"
-        assert im.size == (160 + 5 * 18 + 12, 24 + 2 * 20)
+        assert im.size == (L + 5 * 18 + 12, 24 + 2 * 20)
         px = im.convert("RGB")
-        assert px.getpixel((160 + 8, 24 + 8)) == (255, 0, 0)  # first real image of class 0
-        assert px.getpixel((160 + 3 * 18 + 12 + 8, 24 + 8)) == (0, 0, 255)  # first synthetic of class 0
-        assert px.getpixel((160 + 18 + 8, 24 + 20 + 8)) == (230, 230, 230)  # class 2 has one real image
+        assert px.getpixel((L + 8, 24 + 8)) == (255, 0, 0)  # first real image of class 0
+        assert px.getpixel((L + 3 * 18 + 12 + 8, 24 + 8)) == (0, 0, 255)  # first synthetic of class 0
+        assert px.getpixel((L + 18 + 8, 24 + 20 + 8)) == (230, 230, 230)  # class 2 has one real image
