@@ -36,9 +36,14 @@ def resolve_model(model: str) -> str:
     """Map ``builtin:*`` aliases to a local folder (building it once); pass anything else through."""
     if not model.startswith("builtin:"):
         return model
+    if model == "builtin:toyworld":  # trained weights shipped inside the package (issue 6)
+        from fillup_data.toyworld import pipeline_dir
+
+        return str(pipeline_dir())
     if model not in BUILTIN_MODELS:
         raise FillupError(
-            f"generator.model: unknown built-in model {model!r}; available: {', '.join(sorted(BUILTIN_MODELS))}"
+            f"generator.model: unknown built-in model {model!r}; available: "
+            f"{', '.join(sorted([*BUILTIN_MODELS, 'builtin:toyworld']))}"
         )
     config_set, seed, folder = BUILTIN_MODELS[model]
     dest = cache_dir() / folder

@@ -1,0 +1,166 @@
+"""The world classifier: a small CNN with a shape head and a colour head, the judge of generated images.
+
+Trained on freshly drawn world images of *all* 64 (shape, colour) pairs (held-out ones included:
+it judges the generator, it is not part of it). Its weights ship with the package as safetensors
+(~0.3 MB) with a JSON header naming the class lists, so scores mean the same on every machine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from fillup_data import world
+from fillup_data.errors import FillupError
+
+WEIGHTS_NAME = "world_classifier.safetensors"
+
+
+class WorldClassifier(nn.Module):
+    """4 conv stages (32x32 -> 4x4), global average pool, two linear heads."""
+
+    def __init__(self, width: int = 32, n_shapes: int = len(world.SHAPES), n_colours: int = len(world.COLOURS)):
+        super().__init__()
+        w = width
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.features = nn.Sequential(
+            block(3, w), block(w, w), nn.MaxPool2d(2),
+            block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),
+            block(2 * w, 4 * w), nn.MaxPool2d(2),
+            block(4 * w, 4 * w),
+        )  # fmt: skip
+        self.shape_head = nn.Linear(4 * w, n_shapes)
+        self.colour_head = nn.Linear(4 * w, n_colours)
+        self.width = width
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixels``: ``[B, 3, 32, 32]`` in [-1, 1]; returns (shape logits, colour logits)."""
+        h = self.features(pixels).mean(dim=(2, 3))
+        return self.shape_head(h), self.colour_head(h)
+
+
+def to_pixels(images) -> torch.Tensor:
+    """PIL images / uint8 HWC arrays -> ``[B, 3, 32, 32]`` in [-1, 1] (resized with BOX if not 32x32)."""
+    arrs = []
+    for im in images:
+        if isinstance(im, Image.Image):
+            im = im.convert("RGB")
+            if im.size != (32, 32):
+                im = im.resize((32, 32), Image.Resampling.BOX)
+            im = np.asarray(im)
+        arrs.append(np.asarray(im, dtype=np.uint8))
+    batch = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float()
+    return batch / 127.5 - 1.0
+
+
+def all_combos() -> list[tuple[str, str]]:
+    return [(s, c) for s in world.SHAPES for c in world.COLOURS]
+
+
+def _draw_batch(seed: int, n: int):
+    images, _, labels = world.sample_world(seed, n, combos=all_combos())
+    return to_pixels(images), torch.from_numpy(labels)
+
+
+@dataclass
+class ClassifierReport:
+    shape_accuracy: float
+    colour_accuracy: float
+    both_accuracy: float
+    n: int
+
+
+def evaluate_classifier(model: WorldClassifier, n: int = 4096, seed: int = 10_000) -> ClassifierReport:
+    """Accuracy on ``n`` fresh world images (seeds disjoint from training's)."""
+    model.eval()
+    pixels, labels = _draw_batch(seed, n)
+    with torch.no_grad():
+        preds = [torch.stack([ls.argmax(1), lc.argmax(1)], 1) for ls, lc in (model(p) for p in pixels.split(256))]
+    pred = torch.cat(preds)
+    ok = pred == labels
+    return ClassifierReport(float(ok[:, 0].float().mean()), float(ok[:, 1].float().mean()), float(ok.all(1).float().mean()), n)
+
+
+def train_classifier(
+    out: str | Path | None = None, *, steps: int = 1200, batch_size: int = 128, seed: int = 0, progress: bool = True
+) -> tuple[WorldClassifier, ClassifierReport]:
+    """Train on fresh draws (a new batch every step), save safetensors to ``out`` (default: the package)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    model = WorldClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    for step in tqdm(range(steps), desc="world classifier", disable=not progress):
+        pixels, labels = _draw_batch(seed * 1_000_003 + step, batch_size)
+        ls, lc = model(pixels)
+        loss = F.cross_entropy(ls, labels[:, 0]) + F.cross_entropy(lc, labels[:, 1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    report = evaluate_classifier(model)
+    save_classifier(model, out or default_weights_path(), report=report, extra={"steps": steps, "batch_size": batch_size, "seed": seed})
+    return model, report
+
+
+def default_weights_path() -> Path:
+    return Path(str(resources.files("fillup_data.toyworld").joinpath(WEIGHTS_NAME)))
+
+
+def save_classifier(model: WorldClassifier, path: str | Path, *, report: ClassifierReport | None = None, extra: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    meta = {
+        "width": str(model.width),
+        "shapes": json.dumps(list(world.SHAPES)),
+        "colours": json.dumps(list(world.COLOURS)),
+        "report": json.dumps(report.__dict__ if report else None),
+        "training": json.dumps(extra or {}),
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_classifier(path: str | Path | None = None) -> WorldClassifier:
+    """The shipped classifier (or one at ``path``), in eval mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path) if path else default_weights_path()
+    if not path.is_file():
+        raise FillupError(f"{path}: no world classifier weights; run `python scripts/train_toyworld.py classifier`")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if json.loads(meta.get("shapes", "[]")) != list(world.SHAPES) or json.loads(meta.get("colours", "[]")) != list(world.COLOURS):
+        raise FillupError(f"{path}: trained for other shape/colour lists than fillup_data.world's; retrain it")
+    model = WorldClassifier(width=int(meta.get("width", 32)))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(model: WorldClassifier, images) -> list[tuple[str, str]]:
+    """(shape, colour) names predicted for each image."""
+    pixels = to_pixels(images)
+    out = []
+    for chunk in pixels.split(256):
+        ls, lc = model(chunk)
+        out.extend(zip(ls.argmax(1).tolist(), lc.argmax(1).tolist()))
+    colours = list(world.COLOURS)
+    return [(world.SHAPES[s], colours[c]) for s, c in out]

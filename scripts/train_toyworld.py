@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Reproduce the shipped toyworld weights (fillup_data/models/toyworld/ and the world classifier).
+
+    python scripts/train_toyworld.py generator --work build/toyworld-train   # ~30-60 min on 2 cores, resumable
+    python scripts/train_toyworld.py vae --work build/toyworld-train         # ~3 min
+    python scripts/train_toyworld.py classifier                              # ~2 min
+    python scripts/train_toyworld.py export --work build/toyworld-train      # writes the pipeline folder
+    python scripts/train_toyworld.py all --work build/toyworld-train
+    python scripts/train_toyworld.py measure --work build/toyworld-train     # numbers for benchmarks/RESULTS.md
+
+Seeded: the same commands give the same weights on the same machine and library versions.
+Relaunching a stage resumes it from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    from fillup_data.toyworld import train
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["generator", "vae", "classifier", "export", "all", "measure"])
+    p.add_argument("--work", default="build/toyworld-train", help="checkpoints and logs (resumable)")
+    p.add_argument("--steps", type=int, default=None, help="generator steps (default 4000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="pipeline folder (default: the package's models/toyworld)")
+    p.add_argument("--ti-steps", type=int, default=600, help="Textual Inversion steps in `measure`")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: chosen per step by measurement)")
+    args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    cfg = train.GeneratorTrainConfig(seed=args.seed)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    stages = ["classifier", "vae", "generator", "export"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        if stage == "generator":
+            train.train_generator(work, cfg, threads=args.threads)
+        elif stage == "vae":
+            from fillup_data.toyworld import vae
+
+            vae.train_vae(work / "vae", seed=args.seed)
+        elif stage == "classifier":
+            from fillup_data.toyworld import classifier
+
+            classifier.train_classifier(seed=args.seed)
+        elif stage == "measure":
+            import json
+
+            from fillup_data.toyworld import load_toyworld
+            from fillup_data.toyworld.classifier import load_classifier
+            from fillup_data.toyworld.evaluate import measure
+
+            pipe = load_toyworld() if args.out is None else _load(args.out)
+            result = measure(pipe, load_classifier(), ti_steps=args.ti_steps)
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "measure.json").write_text(json.dumps(result, indent=1) + "\n")
+            import datetime
+            import platform
+
+            from fillup_data.toyworld.evaluate import results_markdown
+
+            machine = f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, torch {__import__('torch').__version__}"
+            md = results_markdown(result, machine=machine, date=datetime.date.today().isoformat())
+            (work / "measure.md").write_text(md)
+            print(md)
+            print(f"wrote {work / 'measure.json'} and {work / 'measure.md'}")
+        elif stage == "export":
+            from fillup_data.toyworld import export
+
+            export.export_pipeline(work, cfg, args.out)
+    return 0
+
+
+def _load(folder):
+    from fillup_data.models.pipeline import load_pipeline
+
+    return load_pipeline(str(folder), dtype="float32", device="cpu", scheduler="ddim")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
