@@ -41,7 +41,7 @@ def test_demo_build_loads_with_datasets(demo_build):
     feats = ds["train"].features
     assert isinstance(feats["cls"], datasets.ClassLabel)
     assert feats["cls"].names == [c["name"] for c in manifest["classes"]] and feats["cls"].names[0] == "red circle"
-    assert isinstance(feats["jpg"], datasets.Image)
+    assert isinstance(feats["png"], datasets.Image)
     keys = {"label", "class_name", "is_synthetic", "strategy", "prompt", "seed", "token_step", "guidance_scale",
             "num_inference_steps", "model", "source_path"}
     assert set(feats["json"]) == keys
@@ -56,7 +56,7 @@ def test_demo_build_loads_with_datasets(demo_build):
     assert Counter(ds["test"]["cls"]) == {c: 20 for c in range(10)}
     real = datasets.load_dataset(str(out), "real")
     assert isinstance(real["train"].features["cls"], datasets.ClassLabel)
-    assert ds["train"][0]["jpg"].size == (32, 32)
+    assert ds["train"][0]["png"].size == (32, 32)
 
 
 def test_webdataset_iterates_every_shard(demo_build):
@@ -67,7 +67,7 @@ def test_webdataset_iterates_every_shard(demo_build):
     for s in manifest["shards"]:
         n = 0
         for sample in wds.WebDataset(str(out / s["path"]), shardshuffle=False).decode("pil"):
-            assert {"jpg", "cls", "json"} <= set(sample)
+            assert {"png", "cls", "json"} <= set(sample)
             assert int(sample["cls"]) == sample["json"]["label"]
             n += 1
         assert n == s["num_samples"]

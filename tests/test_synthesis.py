@@ -17,9 +17,10 @@ pytestmark = pytest.mark.slow
 
 DEMO = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
 # The demo recipe, shrunk so that a build takes seconds: same code paths, fewer images and steps.
+# The tiny random pipeline stands in for toyworld: same code paths, seconds instead of minutes.
 MINI = ["source.max_images=30", "fill.target=30", "inversion.min_steps=10", "inversion.max_steps=20",
         "inversion.checkpoint_every=5", "generator.num_inference_steps=4", "generator.batch_size=8",
-        "shards.max_samples=60"]
+        "shards.max_samples=60", "generator.model=builtin:tiny-sd", "generator.guidance_scale=1.0"]
 QUIET = dict(workers=1, progress=False, log=lambda *_: None)
 
 
