@@ -224,7 +224,7 @@ DDP_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     torch.set_num_threads(1)
     from fillup_data.loader import TrainingData, make_loader, eval_transform
-    from fillup_data.train.distributed import init_distributed, all_reduce_sum
+    from fillup_data.train.distributed import init_distributed, all_reduce_sum, shutdown
 
     env = init_distributed("cpu")
     data = TrainingData.open(sys.argv[1])
@@ -239,7 +239,7 @@ DDP_SCRIPT = textwrap.dedent(
             keys.append([epoch, list(k)])
     json.dump({"rank": env.rank, "world": env.world_size, "steps": steps, "len": len(loader), "keys": keys},
               open(os.path.join(sys.argv[2], f"rank{env.rank}.json"), "w"))
-    dist.destroy_process_group()
+    shutdown(env)
     """
 )
 

@@ -65,6 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise FillupError("--init is for --stage 2 (Stage I starts from scratch or from model.weights)")
     cfg = load_train_config(args.config, args.overrides)
     env = init_distributed(args.device)
+    ok = False
     try:
         final = train(TrainRequest(
             data=args.data, config=cfg, stage=args.stage, out=Path(args.out), real_data=args.real_data,
@@ -73,8 +74,9 @@ def run_train(args: argparse.Namespace) -> int:
         ), env)
         if env.is_main:
             print(f"stage {args.stage} done: {final}")
+        ok = True
     finally:
-        shutdown(env)
+        shutdown(env, ok)
     return 0
 
 
@@ -83,6 +85,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from fillup_data.train.evaluate import GROUPS, evaluate_run
 
     env = init_distributed(args.device)
+    ok = False
     try:
         m = evaluate_run(args.data, Path(args.run), env, real_data=args.real_data,
                          out=Path(args.out) if args.out else None, batch_size=args.batch_size,
@@ -93,8 +96,9 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"top-1 {m['top1']:.2f}  top-5 {m['top5']:.2f}  " + "  ".join(
                 f"{g} {fmt(m[g])} ({m[g + '_classes']} classes)" for g in GROUPS))
             print(f"wrote {Path(args.out or args.run) / 'metrics.json'}")
+        ok = True
     finally:
-        shutdown(env)
+        shutdown(env, ok)
     return 0
 
 

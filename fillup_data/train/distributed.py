@@ -66,6 +66,11 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown(env: DistEnv, ok: bool = True) -> None:
+    """Leave together: a rank that tears down gloo while its peer is still in a collective aborts the
+    peer ("terminate called without an active exception"), so on success every rank meets at a barrier
+    first. After an error there is no barrier: the peers may never reach it."""
     if env.distributed and dist.is_initialized():
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()
