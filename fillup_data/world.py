@@ -130,7 +130,6 @@ def draw(shape: str, colour: str, seed: int | np.random.SeedSequence, size: int 
     big = size * _SUPERSAMPLE
     bg_jitter = rng.integers(-12, 13, size=3)
     bg = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(BACKGROUNDS[background], bg_jitter))
-    canvas = Image.new("RGB", (big, big), bg)
     r = big * rng.uniform(0.17, 0.33)
     margin = r * 1.3
     cx = rng.uniform(margin, big - margin)
