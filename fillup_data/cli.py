@@ -220,7 +220,11 @@ def _manifest_group_table(manifest: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fillup-data", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fillup-data",
+        description="Balance long-tailed image datasets with a text-to-image model (Fill-Up): build, inspect, "
+        "publish and train on versioned WebDataset shards.",
+    )
     parser.add_argument("--version", action="version", version=f"fillup-data {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -273,26 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_token)
 
-    for hook in _optional_hooks():
-        hook(sub)
+    # verbs that live with their subsystems
+    from fillup_data.hub import add_publish_parser
+    from fillup_data.train.cli import add_eval_parser, add_train_parser
+
+    for add in (add_publish_parser, add_train_parser, add_eval_parser):
+        add(sub)
     return parser
-
-
-def _optional_hooks():
-    """Verbs that live with their subsystems (publish, train, eval, preview, export-token)."""
-    hooks = []
-    for module, names in (
-        ("fillup_data.hub", ("add_publish_parser",)),
-        ("fillup_data.train.cli", ("add_train_parser", "add_eval_parser")),
-    ):
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ModuleNotFoundError as err:
-            if err.name and err.name.startswith("fillup_data"):
-                continue
-            raise
-        hooks += [getattr(mod, n) for n in names if hasattr(mod, n)]
-    return hooks
 
 
 def main(argv: list[str] | None = None) -> int:
