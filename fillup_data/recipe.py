@@ -298,23 +298,32 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
         raise RecipeError(_format_validation_error(err, where)) from None
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+def read_yaml_mapping(path: str | os.PathLike, what: str, overrides: list[str] | None = None,
+                      error: type[Exception] = RecipeError) -> dict[str, Any]:
+    """Read a YAML recipe file (build or train) and apply ``--set`` overrides; errors name file:line."""
     p = Path(path)
     if not p.is_file():
-        raise RecipeError(f"{p}: no such recipe file")
+        raise error(f"{p}: no such {what} file")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{p}{line}: not valid YAML: {getattr(err, 'problem', err)}") from None
+        raise error(f"{p}{line}: not valid YAML: {getattr(err, 'problem', err)}") from None
     if data is None:
         data = {}
+    if not isinstance(data, dict):
+        raise error(f"{p}: a {what} is a YAML mapping, got {type(data).__name__}")
     if overrides:
-        if not isinstance(data, dict):
-            raise RecipeError(f"{p}: a recipe is a YAML mapping")
-        data = apply_overrides(data, list(overrides))
-    return parse_recipe(data, str(p))
+        try:
+            data = apply_overrides(data, list(overrides))
+        except RecipeError as err:
+            raise error(str(err)) from None
+    return data
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    return parse_recipe(read_yaml_mapping(path, "recipe", overrides), str(path))
 
 
 # Fields that do not change the bytes a build produces stay out of the fingerprint, so a build

@@ -54,20 +54,13 @@ def preview_grid(
         y = header + row * (thumb + 4)
         name = class_names[c] if 0 <= c < len(class_names) else str(c)
         draw.text((6, y + thumb // 2 - 6), f"{c}: {name}"[:30], fill=(0, 0, 0), font=font)
-        for k in range(n_real):
-            x = _LABEL_W + k * (thumb + 2)
-            imgs = real.get(c, [])
-            if k < len(imgs):
-                canvas.paste(_thumb(imgs[k], thumb), (x, y))
-            else:
-                draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=_EMPTY)
-        for k in range(n_syn):
-            x = x_syn + k * (thumb + 2)
-            imgs = synthetic.get(c, [])
-            if k < len(imgs):
-                canvas.paste(_thumb(imgs[k], thumb), (x, y))
-            else:
-                draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=_EMPTY)
+        for x0, n, imgs in ((_LABEL_W, n_real, real.get(c, [])), (x_syn, n_syn, synthetic.get(c, []))):
+            for k in range(n):
+                x = x0 + k * (thumb + 2)
+                if k < len(imgs):
+                    canvas.paste(_thumb(imgs[k], thumb), (x, y))
+                else:
+                    draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=_EMPTY)
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     atomic_write_bytes(Path(path), buf.getvalue())

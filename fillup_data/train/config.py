@@ -10,14 +10,12 @@ jitter 0.4, no lr scaling with batch size) and are listed in the README.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fillup_data.errors import FillupError
-from fillup_data.recipe import _expand_env, apply_overrides
+from fillup_data.recipe import _expand_env, read_yaml_mapping
 
 
 class _Strict(BaseModel):
@@ -138,17 +136,5 @@ def parse_train_config(data: object, where: str = "train recipe") -> TrainConfig
 
 
 def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise FillupError(f"{p}: no such train recipe (see recipes/train/)")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise FillupError(f"{p}{line}: not valid YAML: {getattr(err, 'problem', err)}") from None
-    if overrides:
-        if not isinstance(data, dict):
-            raise FillupError(f"{p}: a train recipe is a YAML mapping")
-        data = apply_overrides(data, list(overrides))
-    return parse_train_config(data, str(p))
+    data = read_yaml_mapping(path, "train recipe (see recipes/train/)", overrides, error=FillupError)
+    return parse_train_config(data, str(path))
