@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from fillup_data import __version__
 from fillup_data.errors import FillupError
-from fillup_data.loader import TrainingData, make_loader, train_transform
+from fillup_data.loader import TrainingData, make_loader
 from fillup_data.train.checkpoint import (
     latest_checkpoint, load_checkpoint, read_json, save_checkpoint, write_json,
 )
@@ -31,6 +31,7 @@ from fillup_data.train.config import TrainConfig
 from fillup_data.train.distributed import DistEnv, all_reduce_sum, barrier
 from fillup_data.train.losses import make_loss
 from fillup_data.train.models import build_model, classifier_of, load_weights, save_weights
+from fillup_data.train.presets import train_transform
 from fillup_data.train.schedule import learning_rate
 
 

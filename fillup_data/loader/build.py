@@ -1,0 +1,194 @@
+"""One build: its ``manifest.json`` (contract) and where its shards live, a local folder or a Hub dataset repo.
+
+Hub shards are not downloaded: a :class:`ShardRef` carries the URL ``huggingface_hub.hf_hub_url`` gives
+for the pinned revision, and :mod:`fillup_data.loader.transport` streams it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fillup_data.errors import FillupError
+
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^\s@]+))?$")
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard of one build: where to stream it from and what the manifest says it holds."""
+
+    url: str  # absolute local path, or an http(s) URL
+    path: str  # the path inside the build, as written in the manifest
+    split: str
+    origin: str
+    num_samples: int
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
+
+
+def group_of(real_count: int, many_above: int, few_below: int) -> str:
+    """Paper 4.2: many > 100, few < 20, medium otherwise (thresholds from the build's manifest)."""
+    if real_count > many_above:
+        return "many"
+    if real_count < few_below:
+        return "few"
+    return "medium"
+
+
+class Build:
+    """A build's manifest and the place its files live (a local folder or a Hub dataset repo)."""
+
+    def __init__(
+        self,
+        manifest: dict[str, Any],
+        where: str,
+        *,
+        base_dir: Path | None = None,
+        repo_id: str | None = None,
+        revision: str | None = None,
+        endpoint: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        self.manifest = manifest
+        self.where = where
+        self.base_dir = base_dir
+        self.repo_id = repo_id
+        self.revision = revision
+        self.endpoint = endpoint
+        self._headers = tuple(sorted((headers or {}).items()))
+        _check_manifest(manifest, where)
+        self.classes = sorted(manifest["classes"], key=lambda c: int(c["index"]))
+        groups = manifest.get("groups") or {}
+        self.many_above = int(groups.get("many_above", 100))
+        self.few_below = int(groups.get("few_below", 20))
+
+    # ---- opening
+    @classmethod
+    def open(cls, ref: str | os.PathLike, *, cache_dir: str | None = None, token: str | bool | None = None) -> "Build":
+        """Open ``ref``: a build folder (``manifest.json`` inside) or a Hub id ``org/name[@revision]``."""
+        path = Path(ref)
+        if path.is_dir():
+            return cls.open_local(path)
+        text = str(ref)
+        if path.exists():
+            raise FillupError(f"{ref}: not a build folder (expected a directory with manifest.json)")
+        m = _HUB_ID.match(text)
+        if text.startswith((".", "/", "~")) or not m:
+            raise FillupError(
+                f"{ref}: no such build folder, and not a Hub dataset id (org/name[@revision]); pass the OUT "
+                "folder of `fillup-data build` or a published dataset id"
+            )
+        return cls.open_hub(m.group("repo"), m.group("rev"), cache_dir=cache_dir, token=token)
+
+    @classmethod
+    def open_local(cls, folder: str | os.PathLike) -> "Build":
+        folder = Path(folder).resolve()
+        mpath = folder / "manifest.json"
+        if not mpath.is_file():
+            raise FillupError(f"{folder}: no manifest.json; is this the OUT folder of `fillup-data build`?")
+        return cls(_read_json(mpath), str(mpath), base_dir=folder)
+
+    @classmethod
+    def open_hub(
+        cls,
+        repo_id: str,
+        revision: str | None = None,
+        *,
+        cache_dir: str | None = None,
+        token: str | bool | None = None,
+        endpoint: str | None = None,
+    ) -> "Build":
+        """Read the manifest with ``hf_hub_download`` (cached) and stream shards from ``hf_hub_url``.
+
+        ``endpoint`` defaults to ``HF_ENDPOINT`` read now, not at import, so a test or a mirror set
+        after ``huggingface_hub`` was imported is honoured.
+        """
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import build_hf_headers
+
+        endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
+        where = f"{repo_id}@{revision or 'main'}"
+        try:
+            mpath = hf_hub_download(
+                repo_id, "manifest.json", repo_type="dataset", revision=revision,
+                cache_dir=cache_dir, token=token, endpoint=endpoint,
+            )
+        except Exception as err:  # the hub raises many types: offline, 404, auth, connection
+            raise FillupError(
+                f"{where}: no local folder of that name, and manifest.json cannot be read from the Hub "
+                f"({type(err).__name__}: {err}); check the path or repo id, the revision tag, your token "
+                "(hf auth login) and HF_HUB_OFFLINE"
+            ) from None
+        headers = build_hf_headers(token=token)
+        return cls(
+            _read_json(Path(mpath)), f"{where}:manifest.json", repo_id=repo_id, revision=revision,
+            endpoint=endpoint, headers=headers,
+        )
+
+    # ---- what the manifest says
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name", ""))
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c["name"]) for c in self.classes]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def real_counts(self) -> list[int]:
+        return [int(c["real"]) for c in self.classes]
+
+    def shard_url(self, path: str) -> str:
+        if self.base_dir is not None:
+            return str(self.base_dir / path)
+        from huggingface_hub import hf_hub_url
+
+        return hf_hub_url(self.repo_id, path, repo_type="dataset", revision=self.revision, endpoint=self.endpoint)
+
+    def shards(self, split: str, origin: str | None = None) -> list[ShardRef]:
+        out = []
+        for s in self.manifest["shards"]:
+            if s["split"] != split or (origin is not None and s["origin"] != origin):
+                continue
+            out.append(
+                ShardRef(
+                    url=self.shard_url(s["path"]), path=s["path"], split=s["split"], origin=s["origin"],
+                    num_samples=int(s["num_samples"]), headers=self._headers,
+                )
+            )
+        return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FillupError(f"{path}: cannot read the manifest ({err})") from None
+    if not isinstance(data, dict):
+        raise FillupError(f"{path}: the manifest is not a JSON object")
+    return data
+
+
+def _check_manifest(m: dict[str, Any], where: str) -> None:
+    for key in ("classes", "shards"):
+        if not isinstance(m.get(key), list):
+            raise FillupError(f"{where}: missing or malformed '{key}' list; rebuild with `fillup-data build`")
+    for i, c in enumerate(m["classes"]):
+        for key in ("index", "name", "real"):
+            if key not in c:
+                raise FillupError(f"{where}: classes[{i}] has no '{key}'")
+    idx = sorted(int(c["index"]) for c in m["classes"])
+    if idx != list(range(len(idx))):
+        raise FillupError(f"{where}: class indices are not 0..{len(idx) - 1}")
+    for i, s in enumerate(m["shards"]):
+        for key in ("path", "split", "origin", "num_samples"):
+            if key not in s:
+                raise FillupError(f"{where}: shards[{i}] has no '{key}'")
