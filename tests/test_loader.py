@@ -352,3 +352,111 @@ def test_offline_mode_names_the_shard_and_the_fix(build, hub, tmp_path, monkeypa
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     with pytest.raises(FillupError, match="HF_HUB_OFFLINE=1 is set, so shard data/"):
         list(make_loader(data, "real", "train", 4, _tf()))
+
+
+# --------------------------------------------------------------------------- shards that disagree with the manifest
+def _bound_shard_opens(monkeypatch, limit: int = 40) -> list[str]:
+    """Count shard opens and stop a loader that re-opens shards without end (the bug this pins)."""
+    import fillup_data.loader.samples as samples
+
+    real_open, opened = samples.open_shard, []
+
+    def counting_open(shard, **kw):
+        opened.append(shard.path)
+        if len(opened) > limit:
+            raise RuntimeError(f"{len(opened)} shard opens: the loader is looping over a shard that yields nothing")
+        return real_open(shard, **kw)
+
+    monkeypatch.setattr(samples, "open_shard", counting_open)
+    return opened
+
+
+def _write_empty_tar(path: Path) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT):
+        pass  # a real, valid tar with no members (10 KiB of end-of-archive blocks)
+
+
+@pytest.mark.parametrize("where", ["local", "hub"])
+def test_an_empty_shard_is_an_error_naming_it_not_an_endless_loop(tmp_path, monkeypatch, hub, where):
+    b = write_fixture_build(tmp_path / "e", real=[5, 5], shard_size=10)  # one train shard of 10 samples
+    _write_empty_tar(b / "data" / "train-real-00000.tar")
+    if where == "hub":
+        hub(b, "org/empty", "v1")
+        b = "org/empty@v1"
+    data = TrainingData.open(b, cache_dir=str(tmp_path / "cache"))
+    opened = _bound_shard_opens(monkeypatch)
+    with pytest.raises(FillupError, match=r"shard data/train-real-00000\.tar holds 0 samples, its manifest says 10"):
+        list(make_loader(data, "real", "train", 4, _tf()))
+    assert opened == ["data/train-real-00000.tar"]
+
+
+def _sample_offsets(tar_path: Path) -> list[int]:
+    """Byte offset of each sample's first member header."""
+    with tarfile.open(tar_path) as tar:
+        return [m.offset for m in tar.getmembers() if m.name.endswith(".cls")]
+
+
+def test_a_shard_cut_between_samples_is_an_error_with_both_counts(build, monkeypatch):
+    path = build / "data" / "train-real-00001.tar"
+    path.write_bytes(path.read_bytes()[: _sample_offsets(path)[3]])  # a download cut short: 3 whole samples
+    data = TrainingData.open(build)
+    with pytest.raises(FillupError, match=r"shard data/train-real-00001\.tar holds 3 samples, its manifest says 10"):
+        list(make_loader(data, "real", "train", 4, _tf(), train=False))
+    # training: the reader stops at the short shard instead of re-reading the others to make up its quota
+    _bound_shard_opens(monkeypatch)
+    with pytest.raises(FillupError, match=r"train-real-00001\.tar holds 3 samples"):
+        list(make_loader(data, "real", "train", 4, _tf()))
+
+
+def test_a_shard_cut_inside_an_image_is_an_error_naming_it(build):
+    path = build / "data" / "train-real-00002.tar"
+    start = _sample_offsets(path)[4]
+    with tarfile.open(path) as tar:
+        image = next(m for m in tar.getmembers() if m.offset > start and m.name.endswith(".jpg"))
+    path.write_bytes(path.read_bytes()[: image.offset_data + image.size // 2])
+    with pytest.raises(FillupError, match=r"cannot read shard data/train-real-00002\.tar after 4 samples"):
+        list(make_loader(TrainingData.open(build), "real", "train", 4, _tf(), train=False))
+
+
+def test_an_undecodable_image_names_the_shard_and_the_sample(tmp_path):
+    b = write_fixture_build(tmp_path / "u", real=[3, 3], shard_size=10)
+    path = b / "data" / "train-real-00000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            _add(tar, m.name, b"not a jpeg" if m.name.endswith("-000002.jpg") else data)
+    with pytest.raises(FillupError, match=r"train-real-00000\.tar: sample train-real-00000-000002 has an undecodable"):
+        list(make_loader(TrainingData.open(b), "real", "train", 2, _tf(), train=False))
+
+
+@pytest.mark.parametrize("bad", [
+    "../outside.tar", "data/../../outside.tar", "/etc/passwd", "https://example.com/x.tar",
+    "file:///etc/passwd", "tokens/00000.safetensors", "data//x.tar", "data\\..\\x.tar", "data", 7,
+])
+def test_shard_paths_must_stay_under_data(tmp_path, bad):
+    b = write_fixture_build(tmp_path / "p", real=[3, 3])
+    m = json.loads((b / "manifest.json").read_text())
+    m["shards"][1]["path"] = bad
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FillupError, match=r"manifest\.json: shards\[1\]\.path .* is not a file under data/"):
+        Build.open(b)
+
+
+def test_a_downloaded_manifest_with_a_path_outside_the_build(build, hub, tmp_path):
+    m = json.loads((build / "manifest.json").read_text())
+    m["shards"][0]["path"] = "../../../org/other/resolve/main/data/train-real-00000.tar"
+    (build / "manifest.json").write_text(json.dumps(m))
+    hub(build, "org/evil", "v1")
+    with pytest.raises(FillupError, match=r"org/evil@v1:manifest\.json: shards\[0\]\.path '\.\./\.\./\.\./org/other"):
+        Build.open("org/evil@v1", cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("bad", [None, -3, "ten"])
+def test_shard_sample_counts_must_be_counts(tmp_path, bad):
+    b = write_fixture_build(tmp_path / "n", real=[3, 3])
+    m = json.loads((b / "manifest.json").read_text())
+    m["shards"][0]["num_samples"] = bad
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FillupError, match=r"shards\[0\]\.num_samples .* is not a count"):
+        Build.open(b)

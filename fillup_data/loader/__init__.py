@@ -21,6 +21,7 @@ One module per role:
 * :mod:`~fillup_data.loader.training_data` -- real shards from one build, synthetic from another;
 * :mod:`~fillup_data.loader.transport` -- a shard's bytes, a local file or an HTTP body with retries;
 * :mod:`~fillup_data.loader.dealing` -- shards dealt to ranks and workers, per-reader quotas;
+* :mod:`~fillup_data.loader.samples` -- one shard's samples, checked against the manifest's count;
 * :mod:`~fillup_data.loader.stream` -- the ``IterableDataset``, its DataLoader and :func:`make_loader`.
 
 The image transforms are training presets and live in :mod:`fillup_data.train.presets`; they are
@@ -29,7 +30,8 @@ re-exported here so ``from fillup_data.loader import train_transform`` keeps wor
 
 from fillup_data.loader.build import Build, ShardRef, group_of
 from fillup_data.loader.dealing import ReadPart
-from fillup_data.loader.stream import IMAGE_EXTENSIONS, ShardStream, StreamLoader, make_loader
+from fillup_data.loader.samples import IMAGE_EXTENSIONS
+from fillup_data.loader.stream import ShardStream, StreamLoader, make_loader
 from fillup_data.loader.training_data import SPLITS, SUBSETS, TrainingData
 from fillup_data.loader.transport import open_shard
 from fillup_data.train.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform

@@ -192,3 +192,20 @@ def _check_manifest(m: dict[str, Any], where: str) -> None:
         for key in ("path", "split", "origin", "num_samples"):
             if key not in s:
                 raise FillupError(f"{where}: shards[{i}] has no '{key}'")
+        if not _is_build_data_path(s["path"]):
+            raise FillupError(
+                f"{where}: shards[{i}].path {s['path']!r} is not a file under data/ of the build (no '..', "
+                "absolute paths or URLs); the manifest is damaged or was not written by `fillup-data build`"
+            )
+        n = s["num_samples"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise FillupError(f"{where}: shards[{i}].num_samples {n!r} is not a count (an integer >= 0)")
+
+
+def _is_build_data_path(path: Any) -> bool:
+    """A manifest may come from the Hub: its shard paths must stay inside the build's data/ folder,
+    whether joined to a local folder or to a Hub revision's URL."""
+    if not isinstance(path, str) or "\\" in path or ":" in path or any(ord(ch) < 32 for ch in path):
+        return False
+    parts = path.split("/")
+    return len(parts) >= 2 and parts[0] == "data" and all(part not in ("", ".", "..") for part in parts)

@@ -7,7 +7,6 @@ every sample once.
 
 from __future__ import annotations
 
-import io
 import random
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -16,27 +15,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle as wds_buffer_shuffle
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from fillup_data.errors import FillupError
 from fillup_data.loader.build import ShardRef
 from fillup_data.loader.dealing import ReadPart, deal, derived_seed, split_quota
+from fillup_data.loader.samples import decode_image, read_part
 from fillup_data.loader.training_data import TrainingData
-from fillup_data.loader.transport import open_shard
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
-def _decode_image(sample: dict[str, Any]) -> Image.Image:
-    for ext in IMAGE_EXTENSIONS:
-        data = sample.get(ext)
-        if data is not None:
-            img = Image.open(io.BytesIO(data))
-            return img.convert("RGB")
-    raise FillupError(
-        f"{sample.get('__url__')}: sample {sample.get('__key__')} has no image member "
-        f"({', '.join(IMAGE_EXTENSIONS)}); members: {sorted(k for k in sample if not k.startswith('__'))}"
-    )
 
 
 class ShardStream(IterableDataset):
@@ -154,21 +138,14 @@ class ShardStream(IterableDataset):
 
     def _read(self, parts: Iterable[ReadPart]) -> Iterator[dict[str, Any]]:
         for part in parts:
-            stream = open_shard(part.shard)
-            try:
-                files = tar_file_expander([{"url": part.shard.url, "stream": stream}])
-                for i, sample in enumerate(group_by_keys(files)):
-                    if i % part.stride == part.offset:
-                        yield sample
-            finally:
-                stream.close()
+            yield from read_part(part)
 
     def _batches(self, samples: Iterable[dict[str, Any]]) -> Iterator[tuple]:
         images: list[torch.Tensor] = []
         labels: list[int] = []
         keys: list[str] = []
         for sample in samples:
-            images.append(self.transform(_decode_image(sample)))
+            images.append(self.transform(decode_image(sample)))
             labels.append(self._label(sample))
             keys.append(sample["__key__"])
             if len(images) == self.batch_size:
