@@ -168,6 +168,19 @@ def test_epochs_reshuffle_and_are_reproducible(build):
     assert len(set(e0)) == len(e0)  # no repeats inside an epoch when one rank reads everything
 
 
+def test_the_shuffle_buffer_is_a_seeded_permutation():
+    import random
+
+    from fillup_data.loader.stream import buffer_shuffle
+
+    for n, size in ((0, 4), (1, 4), (9, 1), (50, 8), (50, 200)):
+        out = list(buffer_shuffle(iter(range(n)), size, random.Random(3)))
+        assert sorted(out) == list(range(n))
+        assert out == list(buffer_shuffle(iter(range(n)), size, random.Random(3)))
+    assert list(buffer_shuffle(iter(range(9)), 1, random.Random(0))) == list(range(9))  # buffer of one: no shuffle
+    assert list(buffer_shuffle(iter(range(50)), 8, random.Random(0))) != list(range(50))
+
+
 def test_fewer_shards_than_readers_split_samples(tmp_path):
     one = write_fixture_build(tmp_path / "one", real=[10, 9, 8], shard_size=100)  # a single train shard
     data = TrainingData.open(one)

@@ -14,13 +14,39 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import _shuffle as wds_buffer_shuffle
 
 from fillup_data.errors import FillupError
 from fillup_data.loader.build import ShardRef
 from fillup_data.loader.dealing import ReadPart, deal, derived_seed, split_quota
 from fillup_data.loader.samples import decode_image, read_part
 from fillup_data.loader.training_data import TrainingData
+
+
+def buffer_shuffle(samples: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """webdataset's sample shuffle buffer, written out because the library keeps it private
+    (``webdataset.filters._shuffle``): the same reads and the same draws, so epochs keep their order.
+    Fills the buffer (two reads per step while filling), then emits a random sample per sample read,
+    then flushes."""
+    buf: list[Any] = []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) < bufsize:
+            try:
+                buf.append(next(samples))
+            except StopIteration:
+                pass
+        if len(buf) >= bufsize:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+def _pick(buf: list[Any], rng: random.Random) -> Any:
+    k = rng.randint(0, len(buf) - 1)
+    sample = buf[k]
+    buf[k] = buf[-1]
+    buf.pop()
+    return sample
 
 
 class ShardStream(IterableDataset):
@@ -132,9 +158,7 @@ class ShardStream(IterableDataset):
         order = list(parts)
         while True:
             rng.shuffle(order)
-            yield from wds_buffer_shuffle(
-                self._read(order), bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng
-            )
+            yield from buffer_shuffle(self._read(order), self.shuffle_buffer, rng)
 
     def _read(self, parts: Iterable[ReadPart]) -> Iterator[dict[str, Any]]:
         for part in parts:
