@@ -14,10 +14,14 @@ epoch length on top; the ratio shows what that costs (target: at most 10% overhe
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import io
 import json
+import os
+import platform
 import statistics
+import subprocess
 import tarfile
 import tempfile
 import time
@@ -87,6 +91,29 @@ def run_bare(urls, tf, batch, workers, buffer) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
+def provenance() -> str:
+    """What a results table needs next to each number: when, which commit, which libraries, how busy the box was."""
+    import torchvision
+    import webdataset
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += " (uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
+            f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+            f"webdataset {webdataset.__version__}, {os.cpu_count()} CPUs, load average {load_average()}")
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="an existing build folder (default: a temporary one is made)")
@@ -118,6 +145,7 @@ def main() -> None:
     urls = [s.url for s in shards]
     tf = train_transform(args.size, crop=args.crop, randaugment=args.randaugment)
 
+    print(provenance(), flush=True)
     ours, bare = [], []
     run_ours(data, args.subset, tf, args.batch, args.workers, args.buffer)  # warm-up: imports, page cache
     for r in range(args.rounds):
@@ -127,7 +155,8 @@ def main() -> None:
             (ours if name == "ours" else bare).append(n / sec)
             print(f"round {r + 1} {name:4s}: {n} images in {sec:.2f}s = {n / sec:.1f} images/s", flush=True)
     o, b = statistics.median(ours), statistics.median(bare)
-    print(f"\nshards {len(urls)}, images/epoch {sum(s.num_samples for s in shards)}, crop {args.size}, "
+    print(f"\nload average at the end: {load_average()}")
+    print(f"shards {len(urls)}, images/epoch {sum(s.num_samples for s in shards)}, crop {args.size}, "
           f"batch {args.batch}, workers {args.workers}, threads {args.threads}, randaugment {args.randaugment}")
     print(f"median images/s: fillup_data.loader {o:.1f} | bare webdataset {b:.1f} | ratio {o / b:.3f} "
           f"(overhead {100 * (1 - o / b):+.1f}%)")
