@@ -1,9 +1,10 @@
 """Recipe schema, loading, overrides and fingerprint.
 
 A recipe is YAML validated by pydantic: unknown keys, wrong types and out-of-range values are
-errors that name the field path, the bad value and what is allowed.  Strings may use
-``${VAR}`` or ``${VAR:-default}``; ``--set key.path=value`` overrides any field (the value is
-parsed as a YAML scalar, so numbers and booleans keep their types).
+errors that name the field path, the bad value and what is allowed.  Data and model paths
+(``ENV_FIELDS``) may use ``${VAR}`` or ``${VAR:-default}``; ``--set key.path=value`` overrides any
+field (the value is parsed as a YAML scalar, so numbers and booleans keep their types).  A recipe
+stored in a manifest is already resolved: ``parse_stored_recipe`` reads it back verbatim.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fillup_data import __version__
 from fillup_data.errors import RecipeError
@@ -117,6 +118,11 @@ class GroupsConfig(_Strict):
         return self
 
 
+# textual_inversion puts the class's learned token at {token} ({class_name} may add the name);
+# single_template puts the class name at either (paper baseline "a photo of a {CLS}"); none draws nothing.
+PROMPT_NEEDS = {"textual_inversion": ("{token}",), "single_template": ("{token}", "{class_name}")}
+
+
 class GeneratorConfig(_Strict):
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: str | None = None
@@ -136,9 +142,17 @@ class GeneratorConfig(_Strict):
     def _checks(self) -> "GeneratorConfig":
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
-        if self.strategy != "none" and not any(k in self.prompt for k in ("{token}", "{class_name}")):
-            raise ValueError("prompt must contain {token} or {class_name}")
         return self
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_placeholder(cls, prompt: str, info: ValidationInfo) -> str:
+        strategy = info.data.get("strategy")  # absent when the strategy itself is invalid
+        needed = PROMPT_NEEDS.get(strategy, ())
+        if needed and not any(p in prompt for p in needed):
+            where = "the class's learned token" if strategy == "textual_inversion" else "the class name"
+            raise ValueError(f"must contain {' or '.join(needed)} for strategy {strategy!r} (where {where} goes)")
+        return prompt
 
 
 class InversionConfig(_Strict):
@@ -222,27 +236,47 @@ class Recipe(_Strict):
 # --------------------------------------------------------------------------- loading
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
+# Where ``${VAR}`` is expanded: where the data and the model live, which differs between machines.
+# Anywhere else (a prompt, a card's license, a repo name) a variable would copy the environment
+# into every sample, the manifest and the card, so it is an error there.
+ENV_FIELDS = ("source.root", "source.train", "source.test", "source.class_names", "source.path", "generator.model")
+# Variables whose names look like credentials are never expanded, wherever they appear.
+_SECRET_WORDS = ("TOKEN", "SECRET", "KEY", "PASSWORD", "PASSWD", "CREDENTIAL")
 
-def _expand_env(value: Any, path: str) -> Any:
+
+def _expand_env(value: Any, path: str, fields: tuple[str, ...] | None = None) -> Any:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` in the string fields named by ``fields`` (dotted
+    paths; ``None``: every field) and refuse it elsewhere; secret-looking names are refused everywhere."""
     if isinstance(value, dict):
-        return {k: _expand_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), fields) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, str):
-
-        def repl(m: re.Match) -> str:
-            name, default = m.group(1), m.group(2)
-            if name in os.environ:
-                return os.environ[name]
-            if default is not None:
-                return default
+        return [_expand_env(v, f"{path}[{i}]", fields) for i, v in enumerate(value)]
+    if not isinstance(value, str) or not _ENV.search(value):
+        return value
+    for m in _ENV.finditer(value):
+        if any(word in m.group(1).upper() for word in _SECRET_WORDS):
             raise RecipeError(
-                f"{path}: environment variable {name} is not set (export {name}=... "
-                f"or write ${{{name}:-default}})"
+                f"{path}: ${{{m.group(1)}}} looks like a secret ({'/'.join(_SECRET_WORDS)} in the name) and is "
+                "not expanded: recipes end up in manifests and dataset cards; write a plain path, or rename the variable"
             )
+    if fields is not None and path not in fields:
+        raise RecipeError(
+            f"{path}: ${{{_ENV.search(value).group(1)}}} is not expanded here; environment variables are "
+            f"expanded only in {', '.join(fields)} (write the value itself)"
+        )
 
-        return _ENV.sub(repl, value)
-    return value
+    def repl(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise RecipeError(
+            f"{path}: environment variable {name} is not set (export {name}=... "
+            f"or write ${{{name}:-default}})"
+        )
+
+    return _ENV.sub(repl, value)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -289,13 +323,77 @@ _KIND_TAGS = {"split_file", "image_folder", "hf_dataset", "demo"}
 
 
 def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+    """A recipe as the user wrote it: ``${VAR}`` expanded in ``ENV_FIELDS``, then validated."""
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping, got {type(data).__name__}")
-    data = _expand_env(data, "")
+    return _validate(_expand_env(data, "", ENV_FIELDS), where)
+
+
+def parse_stored_recipe(data: Any, where: str = "stored recipe") -> Recipe:
+    """A resolved recipe read back from a manifest or build state: validated, never expanded again
+    (a path that holds a literal ``${...}`` stays as it was built)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: the stored recipe is not a mapping ({type(data).__name__})")
+    return _validate(data, where)
+
+
+def _validate(data: dict, where: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format_validation_error(err, where)) from None
+
+
+# A recipe is a few hundred values. YAML aliases may share a value ("&defaults" / "*defaults"), but
+# nested aliases multiply ("billion laughs": 9 levels of 9 aliases are 10^9 values from 1 KB), so the
+# document's size with every alias expanded is bounded before anything is built from it.
+MAX_YAML_VALUES = 10_000
+
+
+class _YAMLTooLarge(Exception):
+    pass
+
+
+def _load_yaml_bounded(text: str, p: Path) -> Any:
+    """``yaml.safe_load``, refusing documents whose aliases expand past ``MAX_YAML_VALUES`` or refer to themselves."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _expanded_size(node, {}, set(), p)
+        except RecursionError:
+            raise _YAMLTooLarge(f"{p}: YAML nested too deeply to be a recipe") from None
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int], p: Path) -> int:
+    """Values in ``node`` counting every alias as a copy; each distinct node is visited once."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise _YAMLTooLarge(f"{p}:{node.start_mark.line + 1}: a YAML alias refers to a value that contains it")
+    open_nodes.add(id(node))
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, sizes, open_nodes, p)
+        if total > MAX_YAML_VALUES:
+            raise _YAMLTooLarge(
+                f"{p}: with its aliases (*name) expanded the YAML holds more than {MAX_YAML_VALUES:,} values "
+                "(nested aliases multiply: an alias bomb?); a recipe needs a few hundred, write them out"
+            )
+    open_nodes.discard(id(node))
+    sizes[id(node)] = total
+    return total
 
 
 def read_yaml_mapping(path: str | os.PathLike, what: str, overrides: list[str] | None = None,
@@ -305,11 +403,13 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, overrides: list[str] |
     if not p.is_file():
         raise error(f"{p}: no such {what} file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = _load_yaml_bounded(p.read_text(encoding="utf-8"), p)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise error(f"{p}{line}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    except _YAMLTooLarge as err:
+        raise error(str(err)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -170,11 +170,11 @@ def regenerate(build: str | Path, metadata: dict, pipe=None):
 
     from fillup_data.generation import SampleSpec, SyntheticGenerator
     from fillup_data.models import load_pipeline_for
-    from fillup_data.recipe import parse_recipe
+    from fillup_data.recipe import parse_stored_recipe
 
     build = Path(build)
     manifest = json.loads((build / "manifest.json").read_text())
-    recipe = parse_recipe(manifest["recipe"], str(build / "manifest.json"))
+    recipe = parse_stored_recipe(manifest["recipe"], str(build / "manifest.json"))
     if not metadata.get("is_synthetic"):
         raise FillupError(f"sample of class {metadata.get('label')} is real: nothing to regenerate")
     gen_cfg = recipe.generator.model_copy(update={

@@ -1,4 +1,6 @@
-"""Textual Inversion on the tiny pipeline: learning, frozen weights, export, resume, determinism."""
+"""Textual Inversion on the tiny pipeline: learning, frozen weights, export, resume, determinism.
+
+Reading and writing token files without a pipeline: tests/test_token_file.py."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from fillup_data.inversion import (
     read_embedding,
     read_token_file,
 )
-from fillup_data.inversion.token_file import TokenFile, load_safetensors, write_token_file
+from fillup_data.inversion.token_file import load_safetensors
 from fillup_data.models.text import encode_placeholder_prompt, encode_text
 from fillup_data.recipe import InversionConfig
 from tests.conftest_ml import draw_class_images
@@ -163,54 +165,6 @@ def test_joint_training_matches_single_class_training(tiny_pipe, trained, tmp_pa
         for s in a.checkpoint_steps:
             torch.testing.assert_close(a.checkpoints[s], b.checkpoints[s], rtol=0, atol=2e-4)
         assert (a.checkpoints[a.steps] - a.checkpoints[10]).abs().max() > 1e-2
-
-
-def test_read_embedding_formats(tmp_path):
-    vec = torch.randn(4, 32)
-    a1111 = {"name": "mytok", "string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": vec}, "step": 3}
-    torch.save(a1111, tmp_path / "a1111.pt")
-    rinongal = {"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": vec}}
-    torch.save(rinongal, tmp_path / "rinongal.pt")
-    torch.save({"<cat>": vec[0]}, tmp_path / "diffusers.bin")
-    assert read_embedding(tmp_path / "a1111.pt")[0] == "mytok"
-    assert torch.equal(read_embedding(tmp_path / "a1111.pt")[1], vec)
-    assert read_embedding(tmp_path / "rinongal.pt")[0] is None
-    assert torch.equal(read_embedding(tmp_path / "rinongal.pt")[1], vec)
-    name, v = read_embedding(tmp_path / "diffusers.bin")
-    assert name == "<cat>" and v.shape == (1, 32)
-
-
-class Evil:
-    """Any non-tensor object: loading it would need arbitrary unpickling."""
-
-
-def test_read_embedding_refuses_pickles_and_garbage(tmp_path):
-    torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(FillupError, match="weights_only"):
-        read_embedding(tmp_path / "evil.pt")
-    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(FillupError, match="bad.safetensors"):
-        read_embedding(tmp_path / "bad.safetensors")
-    assert not is_complete(tmp_path / "bad.safetensors")
-
-
-def test_token_file_roundtrip_is_byte_stable_and_validated(tmp_path):
-    tf = TokenFile(
-        class_index=17, class_name="zebra", checkpoints={100: torch.ones(4, 8), 200: torch.zeros(4, 8)},
-        n_images=3, steps=200, learning_rate=5e-3, weight_decay=0.0, batch_size=2, model_id="m", model_revision="r",
-        init_word="object", num_vectors=4, seed=0, resolution=512, loss_curve=[0.5, 0.4],
-    )  # fmt: skip
-    a = write_token_file(tmp_path / "a.safetensors", tf)
-    b = write_token_file(tmp_path / "b.safetensors", read_token_file(a))
-    assert a.read_bytes() == b.read_bytes()
-    assert is_complete(a)
-    with pytest.raises(FillupError, match="no checkpoint at step 150"):
-        tf.vectors(150)
-    truncated = tmp_path / "t.safetensors"
-    truncated.write_bytes(a.read_bytes()[:-10])
-    assert not is_complete(truncated)
-    with pytest.raises(FillupError, match="t.safetensors"):
-        read_token_file(truncated)
 
 
 def test_bad_input_errors(tiny_pipe, tmp_path):

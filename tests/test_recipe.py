@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,128 @@ def test_fingerprint_stable_and_sensitive():
     s1 = minimal(source={"kind": "split_file", "root": "/a", "train": "t"})
     s2 = minimal(source={"kind": "split_file", "root": "/b", "train": "t"}, publish={"repo": "o/n"})
     assert fingerprint(parse_recipe(s1)) == fingerprint(parse_recipe(s2))
+
+
+# --------------------------------------------------------------------------- ${VAR}: where, and which
+def split_file(**paths):
+    return {"kind": "split_file", "root": "/data", "train": "t.txt", **paths}
+
+
+@pytest.mark.parametrize("name", ["HF_TOKEN", "hf_token", "AWS_SECRET_ACCESS_KEY", "MY_Api_Key", "DB_PASSWORD"])
+def test_secret_looking_variable_is_refused_even_in_a_path_field(monkeypatch, name):
+    monkeypatch.setenv(name, "hf_abcdefgh")
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(minimal(source=split_file(root="${" + name + "}")))
+    assert "source.root" in str(e.value) and name in str(e.value) and "secret" in str(e.value)
+    assert "hf_abcdefgh" not in str(e.value)
+    with pytest.raises(RecipeError, match="looks like a secret"):  # a default does not make it safe
+        parse_recipe(minimal(source=split_file(root="${" + name + ":-/data}")))
+
+
+def test_variable_outside_path_fields_is_refused_naming_the_field(monkeypatch):
+    monkeypatch.setenv("CLASS_WORD", "zebra")
+    for section, field, value in [
+        ("generator", "prompt", "a photo of a {token} ${CLASS_WORD}"),
+        ("publish", "license", "${CLASS_WORD}"),
+        ("publish", "repo", "${CLASS_WORD}/x"),
+    ]:
+        with pytest.raises(RecipeError) as e:
+            parse_recipe(minimal(**{section: {field: value}}))
+        assert f"{section}.{field}: ${{CLASS_WORD}} is not expanded here" in str(e.value)
+        assert "source.root" in str(e.value)  # says where variables do work
+
+
+def test_variables_expand_in_data_and_model_paths(monkeypatch):
+    monkeypatch.setenv("DATA_X", "/mnt/d")
+    r = parse_recipe(minimal(source=split_file(root="${DATA_X}", train="${DATA_X}/t", test="${TST:-v.txt}",
+                                               class_names="${DATA_X}/c"),
+                             generator={"model": "${MODELS_X:-/models}/sd15"}))
+    assert (r.source.root, r.source.train, r.source.test, r.source.class_names) == ("/mnt/d", "/mnt/d/t", "v.txt", "/mnt/d/c")
+    assert r.generator.model == "/models/sd15"
+    r = parse_recipe(minimal(source={"kind": "hf_dataset", "path": "${CIFAR_X:-uoft-cs/cifar100}"}))
+    assert r.source.path == "uoft-cs/cifar100"
+
+
+def test_stored_recipe_is_read_back_verbatim(monkeypatch):
+    from fillup_data.recipe import parse_stored_recipe
+
+    monkeypatch.setenv("HOME", "/home/someone")
+    stored = parse_recipe(minimal(source=split_file())).resolved()
+    # a build whose data folder is literally named "${HOME}", and a prompt from a build made before
+    # variables were refused in prompts: a manifest holds the resolved recipe, never re-expanded
+    stored["source"]["root"] = "/mnt/${HOME}/imagenet"
+    stored["generator"]["prompt"] = "a photo of a {token} ${HOME}"
+    again = parse_stored_recipe(json.loads(json.dumps(stored)), "build/manifest.json")
+    assert again.resolved() == stored
+    assert fingerprint(again) == fingerprint(parse_stored_recipe(stored))
+    with pytest.raises(RecipeError, match="build/manifest.json: the recipe is not valid"):
+        parse_stored_recipe({**stored, "seed": -1}, "build/manifest.json")
+
+
+# --------------------------------------------------------------------------- the prompt needs its placeholder
+def test_textual_inversion_prompt_without_token_fails_validation():
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(minimal(generator={"strategy": "textual_inversion", "prompt": "a photo of a {class_name}"}))
+    assert "generator.prompt" in str(e.value) and "{token}" in str(e.value) and "textual_inversion" in str(e.value)
+    parse_recipe(minimal(generator={"strategy": "textual_inversion", "prompt": "a {class_name}, a {token}"}))
+
+
+def test_single_template_prompt_needs_the_class_name_and_none_needs_nothing():
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(minimal(generator={"strategy": "single_template", "prompt": "a photo"}))
+    assert "generator.prompt" in str(e.value) and "{class_name}" in str(e.value)
+    for prompt in ("a photo of a {class_name}", "a photo of a {token}"):
+        parse_recipe(minimal(generator={"strategy": "single_template", "prompt": prompt}))
+    parse_recipe(minimal(generator={"strategy": "none", "prompt": "unused"}))
+
+
+def test_validate_cli_names_the_prompt_field(tmp_path, capsys):
+    from fillup_data.cli import main
+
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nsource: {kind: demo}\ngenerator: {prompt: 'a photo of a {class_name}'}\n")
+    assert main(["validate", str(p)]) == 2
+    assert "generator.prompt: must contain {token}" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- YAML aliases
+BILLION_LAUGHS = "\n".join(
+    ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    + ["name: x", "source: {kind: demo}", ""]
+)  # 1 KB of YAML, 9^10 strings once every alias is expanded
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    def limit_memory():  # should the check regress, the bomb must not take the machine down with it
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    p = tmp_path / "bomb.yaml"
+    p.write_text(BILLION_LAUGHS)
+    done = subprocess.run([sys.executable, "-m", "fillup_data.cli", "validate", str(p)], capture_output=True,
+                          text=True, timeout=20, preexec_fn=limit_memory)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "bomb.yaml: with its aliases" in done.stderr and "more than 10,000 values" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_self_referring_alias_and_deep_nesting_are_refused(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nsource: {kind: demo}\nseed: &loop [1, *loop]\n")
+    with pytest.raises(RecipeError, match=r"r.yaml:3: a YAML alias refers to a value that contains it"):
+        load_recipe(p)
+    p.write_text("name: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        load_recipe(p)
+
+
+def test_a_few_aliases_are_still_yaml(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nsource: {kind: demo}\nversion: &v 1.2.0\nparent_version: *v\n"
+                 "fill: {policy: addon, target: &n 40}\ngroups: {many_above: *n}\n")
+    r = load_recipe(p)
+    assert r.parent_version == r.version == "1.2.0" and r.fill.target == r.groups.many_above == 40
