@@ -74,10 +74,10 @@ def test_bad_images_get_reasons(tmp_path):
     trunc.write_bytes(trunc.read_bytes()[:300])
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"this is not an image at all")
-    assert load_image_file(ok).size == (8, 8)
+    assert load_image_file(tmp_path, "ok.jpg").size == (8, 8)
     for path, reason in ((tmp_path / "nope.jpg", "missing"), (empty, "empty"), (trunc, "truncated"), (junk, "undecodable")):
         with pytest.raises(ImageLoadError) as e:
-            load_image_file(path)
+            load_image_file(tmp_path, path.name)
         assert e.value.reason == reason, path
 
 
@@ -87,10 +87,10 @@ def test_exif_rotation_and_rgb(tmp_path):
     exif[0x0112] = 6  # rotate 90 on display
     p = tmp_path / "rot.jpg"
     img.save(p, exif=exif.tobytes())
-    assert load_image_file(p).size == (20, 40)
+    assert load_image_file(tmp_path, p.name).size == (20, 40)
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     rgba.save(tmp_path / "a.png")
-    out = load_image_file(tmp_path / "a.png")
+    out = load_image_file(tmp_path, "a.png")
     assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255)  # transparency on white
 
 
