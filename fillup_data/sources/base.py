@@ -36,7 +36,8 @@ SKIP_REASONS = (
 
 #: Formats an image dataset holds.  Everything else Pillow can open (DDS, IM, PSD, EPS via Ghostscript,
 #: ICO, SGI, ...) is refused: a file named .jpg that is one of those is a mistake, not a photo.
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+#: (Multi-picture JPEGs from phones, MPO, open through the JPEG entry.)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 
 #: No real photo in ImageNet / Places / iNaturalist comes near this; a file above it is refused unread.
 MAX_IMAGE_BYTES = 64 * 1024 * 1024

@@ -50,7 +50,7 @@ class HFDatasetSourceImpl(Source):
             self.class_names = list(feature.names)
             self._label_map = None
         else:
-            labels = self._ds["train"][cfg.label_column]
+            labels = list(self._ds["train"][cfg.label_column])
             for row, value in enumerate(labels):
                 if not isinstance(value, (int, str)) or isinstance(value, bool):
                     raise SourceError(
@@ -84,7 +84,7 @@ class HFDatasetSourceImpl(Source):
     def listing_digest(self) -> dict:
         return {
             split: {"rows": ds.num_rows,
-                    "labels_sha256": hashlib.sha256(json.dumps(ds[self.cfg.label_column]).encode()).hexdigest()}
+                    "labels_sha256": hashlib.sha256(json.dumps(list(ds[self.cfg.label_column])).encode()).hexdigest()}
             for split, ds in self._ds.items()
         }
 
