@@ -1,3 +1,7 @@
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -136,3 +140,174 @@ def test_class_with_no_readable_images_stops_before_work(tmp_path):
     with pytest.raises(SourceError) as e:
         build_index(parse_recipe(split_file_recipe(tmp_path)))
     assert "class 1 'class 1'" in str(e.value) and "2 empty" in str(e.value)
+
+
+# --------------------------------------------------------------------------- odd files (issue 10.7, 10.8)
+def _build_folder(tmp_path, files: dict) -> "object":
+    """An image_folder source with one class 'a' of real images plus ``files`` in class 'b'."""
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a" / "ok.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "b" / "ok.png")
+    for name, make in files.items():
+        make(tmp_path / "train" / "b" / name)
+    r = parse_recipe({"name": "f", "source": {"kind": "image_folder", "root": str(tmp_path)},
+                      "generator": {"strategy": "none"}})
+    return build_index(r)
+
+
+def test_files_in_formats_a_dataset_does_not_hold_are_skipped_not_fatal(tmp_path):
+    def save_as(fmt, mode):
+        return lambda p: Image.new(mode, (8, 8), 7).save(p, format=fmt)
+
+    idx = _build_folder(tmp_path, {"dds.jpg": save_as("DDS", "RGB"), "im.jpg": save_as("IM", "I;16B"),
+                                   "sgi.png": save_as("SGI", "L"), "tga.jpg": save_as("TGA", "RGB")})
+    reasons = {s["source_path"]: (s["reason"], s["detail"]) for s in idx.skipped}
+    assert set(reasons) == {f"train/b/{n}" for n in ("dds.jpg", "im.jpg", "sgi.png", "tga.jpg")}
+    assert all(r == "undecodable" and "not an image in an accepted format" in d for r, d in reasons.values())
+    assert idx.counts("train") == [1, 1]
+
+
+def _png_bytes(img: Image.Image, **kw) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+def _decode(img: Image.Image, **kw) -> Image.Image:
+    from fillup_data.sources.base import decode_image_bytes
+
+    return decode_image_bytes(_png_bytes(img, **kw), "x")
+
+
+def test_high_bit_depth_images_keep_their_grey_level():
+    import numpy as np
+
+    png16 = Image.fromarray(np.full((4, 4), 32768, np.uint16))  # 16-bit greyscale PNG: mode I;16
+    assert _decode(png16).getpixel((0, 0)) == (128, 128, 128)
+    png16_black = Image.fromarray(np.full((4, 4), 0, np.uint16))
+    assert _decode(png16_black).getpixel((0, 0)) == (0, 0, 0)
+    tif32 = Image.fromarray(np.full((4, 4), 65535, np.int32))  # 32-bit integer TIFF: mode I
+    assert _decode(tif32, format="TIFF").getpixel((0, 0)) == (255, 255, 255)
+    unit_float = Image.fromarray(np.full((4, 4), 0.5, np.float32))  # float TIFF in 0..1: mode F
+    assert _decode(unit_float, format="TIFF").getpixel((0, 0)) == (128, 128, 128)
+    byte_float = Image.fromarray(np.full((4, 4), 200.0, np.float32))  # float TIFF in 0..255
+    assert _decode(byte_float, format="TIFF").getpixel((0, 0)) == (200, 200, 200)
+    with pytest.raises(ImageLoadError) as e:
+        _decode(Image.fromarray(np.full((4, 4), -3.0, np.float32)), format="TIFF")
+    assert e.value.reason == "unsupported" and "no agreed range" in e.value.detail
+
+
+def test_every_kind_of_transparency_lands_on_white():
+    grey_trns = _decode(Image.new("L", (4, 4), 0), transparency=0)  # greyscale PNG with a tRNS chunk
+    rgb_trns = _decode(Image.new("RGB", (4, 4), (0, 0, 0)), transparency=(0, 0, 0))
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    pal_alpha = _decode(pal, transparency=bytes([255, 0]))  # palette alpha table: entry 1 fully clear
+    la = _decode(Image.new("LA", (4, 4), (0, 0)))
+    half = _decode(Image.new("RGBA", (4, 4), (0, 0, 0, 128)))
+    pa_tiff = Image.new("PA", (4, 4), (0, 0))
+    assert grey_trns.getpixel((0, 0)) == rgb_trns.getpixel((0, 0)) == (255, 255, 255)
+    assert pal_alpha.getpixel((0, 0)) == la.getpixel((0, 0)) == (255, 255, 255)
+    assert _decode(pa_tiff, format="TIFF").getpixel((0, 0)) == (255, 255, 255)
+    assert half.getpixel((0, 0)) == (127, 127, 127)  # blended, not thresholded
+
+
+def _swapped_primaries_profile() -> bytes:
+    """A real ICC profile: lcms's sRGB with the red and blue colorant tags swapped, so that the
+    file's (255, 0, 0) means sRGB blue.  A loader that ignores the profile gets red."""
+    import io
+    import struct
+
+    from PIL import ImageCms
+
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", data[128:132])[0]
+    tags = {bytes(data[132 + 12 * i: 136 + 12 * i]): 132 + 12 * i for i in range(count)}
+    r, b = tags[b"rXYZ"], tags[b"bXYZ"]
+    data[r + 4: r + 12], data[b + 4: b + 12] = data[b + 4: b + 12], data[r + 4: r + 12]
+    ImageCms.ImageCmsProfile(io.BytesIO(bytes(data)))  # still a valid profile
+    return bytes(data)
+
+
+def test_colour_profiles_are_applied_and_cmyk_converted():
+    img = _decode(Image.new("RGB", (4, 4), (255, 0, 0)), format="JPEG", quality=100,
+                  icc_profile=_swapped_primaries_profile())
+    r, g, b = img.getpixel((0, 0))
+    assert b > 200 and r < 60, (r, g, b)
+    cmyk = _decode(Image.new("CMYK", (4, 4), (255, 0, 0, 0)), format="JPEG", quality=100)  # pure cyan ink
+    r, g, b = cmyk.getpixel((0, 0))
+    assert r < 10 and g > 245 and b > 245
+    # a profile lcms cannot read costs the colour management, not the image
+    broken = _decode(Image.new("RGB", (4, 4), (255, 0, 0)), format="PNG", icc_profile=b"not a profile")
+    assert broken.getpixel((0, 0)) == (255, 0, 0)
+
+
+# --------------------------------------------------------------------------- paths that leave the root (10.10)
+def test_paths_outside_the_root_fifos_devices_and_huge_files_are_skipped(tmp_path):
+    import signal
+
+    root = tmp_path / "data"
+    write_split_file_dataset(root, [3, 2], test_per_class=0)
+    secret = tmp_path / "secret.jpg"
+    Image.new("RGB", (8, 8)).save(secret)
+    d = root / "train" / "n00000000"
+    os.symlink(secret, d / "link_out.jpg")
+    os.symlink("/dev/zero", d / "zero.jpg")
+    os.mkfifo(d / "fifo.jpg")
+    with open(d / "huge.jpg", "wb") as f:  # sparse: costs no disk
+        f.truncate(64 * 1024 * 1024 + 1)
+    os.symlink(d / "img_0.jpg", d / "link_in.jpg")  # a link that stays inside the root is fine
+    extra = ["../secret.jpg 0", f"{secret} 0", "train/n00000000/link_out.jpg 0", "train/n00000000/zero.jpg 0",
+             "/dev/zero 1", "train/n00000000/fifo.jpg 1", "train/n00000000/huge.jpg 1",
+             "train/n00000000/link_in.jpg 0", "train/n00000000 1"]
+    with open(root / "train.txt", "a") as f:
+        f.write("\n".join(extra) + "\n")
+    rec = split_file_recipe(root)
+    del rec["source"]["test"]
+
+    def hung(*_):
+        raise AssertionError("reading a FIFO blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        idx = build_index(parse_recipe(rec))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    reasons = {s["source_path"]: s["reason"] for s in idx.skipped}
+    assert reasons == {
+        "../secret.jpg": "outside_root", str(secret): "outside_root", "train/n00000000/link_out.jpg": "outside_root",
+        "train/n00000000/zero.jpg": "outside_root", "/dev/zero": "outside_root",
+        "train/n00000000/fifo.jpg": "not_a_file", "train/n00000000/huge.jpg": "too_large",
+        "train/n00000000": "not_a_file",
+    }
+    assert idx.counts("train") == [4, 2]  # 3 + the link inside the root; 2
+    where = {s["source_path"]: s["where"] for s in idx.skipped}
+    assert where["../secret.jpg"] == "train.txt:6"
+
+
+def test_hf_dataset_row_naming_a_local_file_outside_the_dataset_is_refused(tmp_path):
+    """A dataset's parquet rows may hold an image as ``{"path": ..., "bytes": None}``: a path inside
+    the dataset folder is read, any other local file is refused, not read."""
+    import datasets
+
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(secret)
+    folder = tmp_path / "ds"
+    (folder / "data").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (4, 5, 6)).save(folder / "ok.png")
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"path": str(secret), "bytes": None}, {"path": str(folder / "ok.png"), "bytes": None}],
+         "label": [0, 0]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a"])}))
+    ds.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    src = open_source(parse_recipe({"name": "h", "source": {"kind": "hf_dataset", "path": str(folder)}}))
+    items = src.items("train")
+    with pytest.raises(ImageLoadError) as e:
+        src.load(items[0])
+    assert e.value.reason == "outside_root" and "outside the dataset folder" in e.value.detail
+    assert src.load(items[1]).getpixel((0, 0)) == (4, 5, 6)
