@@ -311,3 +311,152 @@ def test_hf_dataset_row_naming_a_local_file_outside_the_dataset_is_refused(tmp_p
         src.load(items[0])
     assert e.value.reason == "outside_root" and "outside the dataset folder" in e.value.detail
     assert src.load(items[1]).getpixel((0, 0)) == (4, 5, 6)
+
+
+# --------------------------------------------------------------------------- text that is not what it seems (10.9, 10.13)
+def test_list_and_class_names_files_that_are_not_utf8_name_file_and_line(tmp_path):
+    paths = write_split_file_dataset(tmp_path, [3, 2])
+    good = paths["train"].read_bytes()
+    paths["train"].write_bytes(good.replace(b"train/n00000000/img_2.jpg", b"train/n00000000/caf\xe9.jpg"))
+    with pytest.raises(SourceError, match=r"train.txt:3: split file is not valid UTF-8 \(byte 0xe9 at column 20\)"):
+        open_source(parse_recipe(split_file_recipe(tmp_path)))
+    paths["train"].write_bytes(good)
+    paths["classes"].write_bytes(b"class 0\n\xff\xfeclass 1\n")
+    with pytest.raises(SourceError, match=r"classes.txt:2: class_names file is not valid UTF-8"):
+        open_source(parse_recipe(split_file_recipe(tmp_path)))
+
+
+def test_image_folder_names_that_are_not_utf8_stop_at_index_time(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = os.fsencode(tmp_path)
+    os.makedirs(os.path.join(root, b"train", b"caf\xe9"))
+    os.makedirs(os.path.join(root, b"train", b"dog"))
+    Image.new("RGB", (8, 8)).save(os.path.join(root, b"train", b"dog", b"0.png").decode("utf-8"))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(
+        {"name": "f", "source": {"kind": "image_folder", "root": str(tmp_path)}, "generator": {"strategy": "none"}}))
+    res = subprocess.run([sys.executable, "-m", "fillup_data.cli", "build", str(tmp_path / "r.yaml"), "--out",
+                          str(tmp_path / "out"), "--quiet"], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "train/caf\\xe9: class folder name is not valid UTF-8; rename it" in res.stderr
+    os.rename(os.path.join(root, b"train", b"caf\xe9"), os.path.join(root, b"train", b"cat"))
+    os.rename(os.path.join(root, b"train", b"dog", b"0.png"), os.path.join(root, b"train", b"dog", b"\xff.png"))
+    with pytest.raises(SourceError, match=r"dog/\\xff.png: image file name is not valid UTF-8"):
+        build_index(parse_recipe({"name": "f", "source": {"kind": "image_folder", "root": str(tmp_path)},
+                                  "generator": {"strategy": "none"}}))
+
+
+def test_huge_label_without_class_names_is_an_error_not_an_allocation(tmp_path):
+    paths = write_split_file_dataset(tmp_path, [2, 2])
+    with open(paths["train"], "a") as f:
+        f.write("train/n00000000/img_0.jpg 4000000000\n")
+    rec = split_file_recipe(tmp_path)
+    del rec["source"]["class_names"]
+    with pytest.raises(SourceError, match=r"train.txt:5: label 4000000000 is too large for a source without "
+                                          r"class_names \(at most 999,999"):
+        open_source(parse_recipe(rec))
+
+
+def test_byte_order_marks_are_not_part_of_the_first_name_or_path(tmp_path):
+    paths = write_split_file_dataset(tmp_path, [2, 2])
+    for p in (paths["train"], paths["classes"]):
+        p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())  # what Notepad writes as "UTF-8"
+    idx = build_index(parse_recipe(split_file_recipe(tmp_path)))
+    assert idx.class_names[0] == "class 0" and idx.counts("train") == [2, 2] and idx.skipped == []
+
+
+def test_duplicate_list_lines_are_skipped_and_reported_not_counted_twice(tmp_path):
+    paths = write_split_file_dataset(tmp_path, [3, 2])
+    with open(paths["train"], "a") as f:
+        f.write("train/n00000000/img_0.jpg 0\n./train/n00000001/img_1.jpg 0\n")
+    idx = build_index(parse_recipe(split_file_recipe(tmp_path)))
+    assert idx.counts("train") == [3, 2]
+    assert [(s["where"], s["reason"], s["detail"]) for s in idx.skipped] == [
+        ("train.txt:6", "duplicate", "train/n00000000/img_0.jpg: already listed at train.txt:1"),
+        ("train.txt:7", "duplicate", "./train/n00000001/img_1.jpg: already listed at train.txt:5 with label 1"),
+    ]
+
+
+# --------------------------------------------------------------------------- hf_dataset by id, plain labels (9.8)
+def _image_repo(folder: Path, splits: dict) -> None:
+    """A dataset repository as on the Hub: imagefolder layout per config, configs in the card."""
+    for config, files in splits.items():
+        for rel, colour in files.items():
+            p = folder / config / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), colour).save(p)
+    card = {"configs": [{"config_name": c, "data_dir": c} for c in splits]}
+    (folder / "README.md").write_text("---\n" + __import__("yaml").safe_dump(card) + "---\n")
+
+
+def test_hf_dataset_by_repository_with_config_and_revision(tmp_path, monkeypatch):
+    import datasets
+
+    repo = tmp_path / "repo"
+    _image_repo(repo, {"small": {"train/cat/0.png": (10, 0, 0), "train/cat/1.png": (20, 0, 0),
+                                 "train/dog/0.png": (30, 0, 0)},
+                       "large": {f"train/{c}/{i}.png": (i, 0, 0) for c in ("ant", "bee", "cow") for i in range(2)}})
+    calls = []
+    real_load = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    r = parse_recipe({"name": "h", "source": {"kind": "hf_dataset", "path": str(repo), "name": "small",
+                                              "revision": "v1.0"}})
+    idx = build_index(r)
+    assert calls == [((str(repo), "small"), {"split": "train", "revision": "v1.0"})]
+    assert idx.class_names == ["cat", "dog"] and idx.counts("train") == [2, 1] and idx.skipped == []
+    src = open_source(r)  # images given as paths inside the repository folder are read
+    assert sorted(src.load(it).getpixel((0, 0))[0] for it in idx.items["train"]) == [10, 20, 30]
+
+
+@pytest.mark.parametrize("labels, names, counts", [
+    (["zebra", "ant", "zebra", "moth"], ["ant", "moth", "zebra"], [1, 1, 2]),
+    ([10, 2, 2, 10], ["2", "10"], [2, 2]),  # integers sort as numbers, not as text
+])
+def test_hf_dataset_plain_labels_become_sorted_classes(tmp_path, labels, names, counts):
+    import datasets
+
+    imgs = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(len(labels))]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": imgs, "label": labels}),
+                          "test": datasets.Dataset.from_dict({"image": imgs[:1], "label": labels[:1]})}
+                         ).save_to_disk(str(tmp_path / "ds"))
+    r = parse_recipe({"name": "h", "source": {"kind": "hf_dataset", "path": str(tmp_path / "ds"),
+                                              "test_split": "test"}})
+    idx = build_index(r)
+    assert idx.class_names == names and idx.counts("train") == counts
+    assert idx.items["test"][0].label == names.index(str(labels[0]))
+
+
+def test_hf_dataset_missing_label_names_its_row(tmp_path):
+    import datasets
+
+    imgs = [Image.new("RGB", (8, 8)) for _ in range(3)]
+    datasets.Dataset.from_dict({"image": imgs, "label": ["a", None, "b"]}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(SourceError, match=r"split 'train' row 1: label None is not an integer or a string"):
+        open_source(parse_recipe({"name": "h", "source": {"kind": "hf_dataset", "path": str(tmp_path / "ds")}}))
+
+
+def test_imbalance_factor_in_a_recipe_shapes_index_and_plan(tmp_path):
+    from fillup_data.plan import make_plan
+
+    write_split_file_dataset(tmp_path, [12, 12, 12, 12], test_per_class=1)
+    rec = split_file_recipe(tmp_path)
+    rec["source"]["imbalance_factor"] = 10
+    r = parse_recipe(rec)
+    idx = build_index(r)
+    # CIFAR-LT: n_i = floor(12 * (1/10)^(i/3)) with n_max = the smallest class (12)
+    assert idx.counts("train") == [12, 5, 2, 1] == longtail_sizes(4, 10, 12)
+    assert idx.counts("test") == [1, 1, 1, 1]  # the test split stays balanced
+    kept = [it.source_path for it in idx.items["train"] if it.label == 1]
+    assert kept == [f"train/n00000001/img_{i}.jpg" for i in range(5)]  # the first n_i in list order
+    plan = make_plan(r, idx)
+    assert [c.real for c in plan.classes] == [12, 5, 2, 1] and [c.test for c in plan.classes] == [1, 1, 1, 1]
+    rec["source"]["imbalance_max"] = 10
+    assert build_index(parse_recipe(rec)).counts("train") == [10, 4, 2, 1]
