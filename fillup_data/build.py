@@ -83,12 +83,10 @@ def _claim_output(recipe: Recipe, out: Path, fp: str, force: bool) -> None:
 
 
 def load_or_build_index(recipe: Recipe, out: Path, workers: int) -> SourceIndex:
-    path = _state(out) / "index.json"
-    if path.is_file():
-        return SourceIndex.load(path)
-    index = build_index(recipe, workers=workers)
-    index.save(path)
-    return index
+    # reuses .fillup/index.json only while the source is what was indexed (else exit 2, saying what changed)
+    from fillup_data.index import resume_or_build_index
+
+    return resume_or_build_index(recipe, _state(out) / "index.json", workers)
 
 
 # --------------------------------------------------------------------------- real shards

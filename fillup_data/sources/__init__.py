@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 
 from fillup_data.recipe import Recipe
-from fillup_data.sources.base import SKIP_REASONS, ImageLoadError, Source, SourceItem
+from fillup_data.sources.base import SKIP_REASONS, FileState, ImageLoadError, Source, SourceItem
 
 
 def open_source(recipe: Recipe) -> Source:
@@ -51,6 +51,7 @@ def apply_imbalance(items: list[SourceItem], num_classes: int, imbalance_factor:
 
 __all__ = [
     "SKIP_REASONS",
+    "FileState",
     "ImageLoadError",
     "Source",
     "SourceItem",

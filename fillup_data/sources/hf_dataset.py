@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 from PIL import Image
 
 from fillup_data.errors import SourceError
 from fillup_data.recipe import HFDatasetSource as HFDatasetConfig
-from fillup_data.sources.base import ImageLoadError, Source, SourceItem, decode_image_bytes, load_image_file
+from fillup_data.sources.base import ImageLoadError, Source, SourceItem, decode_image_bytes, load_image_file, to_rgb
 
 
 class HFDatasetSourceImpl(Source):
@@ -41,14 +44,49 @@ class HFDatasetSourceImpl(Source):
             if isinstance(ds.features[cfg.image_column], datasets.Image):
                 ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
             self._ds[split] = ds
+        self._file_roots = self._local_file_roots(cfg.path)
         feature = self._ds["train"].features[cfg.label_column]
         if isinstance(feature, datasets.ClassLabel):
             self.class_names = list(feature.names)
             self._label_map = None
         else:
-            values = sorted(set(self._ds["train"][cfg.label_column]))
+            labels = list(self._ds["train"][cfg.label_column])
+            for row, value in enumerate(labels):
+                if not isinstance(value, (int, str)) or isinstance(value, bool):
+                    raise SourceError(
+                        f"{cfg.path} split {cfg.train_split!r} row {row}: label {value!r} is not an integer or a "
+                        f"string (column {cfg.label_column!r}); fix the row or cast the column to ClassLabel"
+                    )
+            kinds = {type(v) for v in labels}
+            if len(kinds) > 1:
+                raise SourceError(
+                    f"{cfg.path} split {cfg.train_split!r}: column {cfg.label_column!r} mixes integer and string "
+                    "labels; use one kind (or a ClassLabel feature)"
+                )
+            # integers sort numerically, strings alphabetically: class index = rank of the label value
+            values = sorted(set(labels))
             self.class_names = [str(v) for v in values]
             self._label_map = {v: i for i, v in enumerate(values)}
+
+    @staticmethod
+    def _local_file_roots(path: str) -> list[str]:
+        """Where an image given as a file path (no bytes) may live: the local dataset folder and the
+        caches ``datasets`` and the Hub client download into.  A row naming any other file (a
+        dataset that says ``{"path": "/home/you/.ssh/id_rsa"}``) is refused, not read."""
+        import datasets
+        import huggingface_hub
+
+        roots = [datasets.config.HF_DATASETS_CACHE, huggingface_hub.constants.HF_HUB_CACHE]
+        if Path(path).is_dir():
+            roots.insert(0, path)
+        return [os.path.realpath(r) for r in roots]
+
+    def listing_digest(self) -> dict:
+        return {
+            split: {"rows": ds.num_rows,
+                    "labels_sha256": hashlib.sha256(json.dumps(list(ds[self.cfg.label_column])).encode()).hexdigest()}
+            for split, ds in self._ds.items()
+        }
 
     def splits(self) -> list[str]:
         return list(self._ds)
@@ -74,13 +112,21 @@ class HFDatasetSourceImpl(Source):
         if value is None:
             raise ImageLoadError("missing", what)
         if isinstance(value, Image.Image):
-            from fillup_data.sources.base import to_rgb
-
             return to_rgb(value)
         if isinstance(value, dict):
             if value.get("bytes"):
                 return decode_image_bytes(value["bytes"], what)
             if value.get("path"):
-                return load_image_file(Path(value["path"]))
+                return self._load_local_file(value["path"], what)
             raise ImageLoadError("empty", what)
         raise ImageLoadError("undecodable", f"{what}: unexpected value of type {type(value).__name__}")
+
+    def _load_local_file(self, path: str, what: str) -> Image.Image:
+        base = self._file_roots[0] if Path(self.cfg.path).is_dir() else os.getcwd()
+        real = os.path.realpath(os.path.join(base, path))
+        for root in self._file_roots:
+            if os.path.commonpath([root, real]) == root:
+                return load_image_file(Path(root), os.path.relpath(real, root))
+        raise ImageLoadError(
+            "outside_root", f"{what}: names the local file {path!r}, outside the dataset folder and the datasets cache"
+        )

@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-
-from PIL import Image
 
 from fillup_data.errors import SourceError
 from fillup_data.recipe import ImageFolderSource as ImageFolderConfig
-from fillup_data.sources.base import Source, SourceItem, load_image_file
+from fillup_data.sources.base import FileSource, SourceItem
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 
 
-class ImageFolderSourceImpl(Source):
+def _check_utf8_name(path: Path, what: str) -> None:
+    """A name with bytes that are not UTF-8 (decoded by Python as surrogates) cannot go into a
+    manifest, a card or a shard's JSON: stop at index time, naming it, rather than mid-build."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise SourceError(f"{shown}: {what} name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)") from None
+
+
+class ImageFolderSourceImpl(FileSource):
     kind = "image_folder"
 
     def __init__(self, cfg: ImageFolderConfig):
-        super().__init__()
+        super().__init__(Path(cfg.root).expanduser())
         self.cfg = cfg
-        self.root = Path(cfg.root).expanduser()
         train_dir = self.root / cfg.train
         if not train_dir.is_dir():
             raise SourceError(f"{train_dir}: train folder not found (source.root / source.train)")
-        self.class_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        folders = sorted(p for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for p in folders:
+            _check_utf8_name(p, "class folder")
+        self.class_names = [p.name for p in folders]
         if not self.class_names:
             raise SourceError(f"{train_dir}: no class folders (expected one sub-folder per class)")
         self._dirs = {"train": train_dir}
@@ -31,6 +42,9 @@ class ImageFolderSourceImpl(Source):
             test_dir = self.root / cfg.test
             if not test_dir.is_dir():
                 raise SourceError(f"{test_dir}: test folder not found (source.test)")
+            for p in test_dir.iterdir():
+                if p.is_dir():
+                    _check_utf8_name(p, "class folder")
             unknown = sorted(
                 p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in set(self.class_names)
             )
@@ -44,17 +58,20 @@ class ImageFolderSourceImpl(Source):
         return list(self._dirs)
 
     def items(self, split: str) -> list[SourceItem]:
+        """Every file with an image suffix, FIFOs and links included, so that a file that cannot be
+        read is skipped *and reported* by the verification, never silently left out.  Sub-folders
+        reached through a symlink are not walked (a link loop would never end)."""
         base = self._dirs[split]
         out = []
         for label, name in enumerate(self.class_names):
             folder = base / name
             if not folder.is_dir():
                 continue
-            for f in sorted(folder.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                    rel = f.relative_to(self.root).as_posix()
-                    out.append(SourceItem(split, label, rel, str(f)))
+            found = []
+            for dirpath, _dirs, files in os.walk(folder, followlinks=False):
+                found += [Path(dirpath) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+            for f in sorted(found):
+                _check_utf8_name(f, "image file")
+                rel = f.relative_to(self.root).as_posix()
+                out.append(SourceItem(split, label, rel, rel))
         return out
-
-    def load(self, item: SourceItem) -> Image.Image:
-        return load_image_file(Path(item.locator))
