@@ -69,13 +69,38 @@ def hub(hub_server: HubServer, monkeypatch) -> HubServer:  # noqa: F811
     return hub_server
 
 
-def _uploadable(out: Path) -> set[str]:
-    """The build's files publish sends besides README.md and manifest.json (with real shards)."""
-    from fillup_data.hub import _card_links
+def _uploadable(out: Path, include_real: bool = True) -> set[str]:
+    """The build's files publish sends besides README.md and manifest.json: its known outputs."""
+    from fillup_data.shards.card import card_figures
 
-    files = {f"data/{p.name}" for p in (out / "data").glob("*.tar")}
-    files |= {p.relative_to(out).as_posix() for p in (out / "tokens").rglob("*.safetensors")} | {"index.parquet"}
-    return files | set(_card_links((out / "README.md").read_text(), out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {s["path"] for s in manifest["shards"] if include_real or s["origin"] != "real"}
+    files |= {t["path"] for t in manifest["tokens"]} | {"index.parquet"}
+    return files | set(card_figures(manifest, include_real))
+
+
+def _other_build(demo_build: Path, tmp_path: Path, version: str = "1.0.1") -> Path:
+    """Another build of the same dataset: new version and fingerprint, one synthetic shard with other bytes."""
+    from fillup_data.shards.writer import sha256_file
+
+    other = tmp_path / "other"
+    shutil.copytree(demo_build, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest.update(version=version, fingerprint="f" * 64)
+    shard = next(s for s in manifest["shards"] if s["origin"] == "synthetic")
+    with (other / shard["path"]).open("ab") as f:
+        f.write(b"\0" * 1024)  # two more end-of-archive blocks: still a valid tar, other bytes
+    shard.update(num_bytes=(other / shard["path"]).stat().st_size, sha256=sha256_file(other / shard["path"]))
+    (other / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return other
+
+
+def _assert_holds_build(hub: HubServer, revision: str, out: Path, include_real: bool = True) -> None:
+    files = hub.files_at(REPO, revision)
+    assert set(files) == {".gitattributes", "README.md", "manifest.json"} | _uploadable(out, include_real)
+    for p in _uploadable(out, include_real):
+        assert files[p] == (out / p).read_bytes(), p
+    assert json.loads(files["manifest.json"]) == json.loads((out / "manifest.json").read_text())
 
 
 def _publish(hub: HubServer, out: Path, logs: list[str] | None = None, **kw) -> PublishResult:
@@ -221,23 +246,70 @@ def test_interrupted_upload_resumes_uploading_only_what_is_missing(hub: HubServe
 
 
 def test_transient_errors_are_retried_with_backoff(hub: HubServer, demo_build: Path):
+    """Each injected fault costs exactly one more request, whoever retries it: publish itself (commits,
+    tags) or huggingface_hub inside a call (LFS uploads); the count of publish's own retries is its own."""
     f503 = hub.fail("POST", r"/commit/main$", status=503, times=2)
-    # faults are checked in order: the race fault counts only the commits the 503 fault let through
-    race = hub.fail("POST", r"/commit/main$", status=412, after=1, times=1,
-                    message="A commit has happened since. Please refresh and try again.")
     f429 = hub.fail("POST", r"/tag/", status=429, times=1, headers={"Retry-After": "0"})
+    drop = hub.fail("PUT", r"^/_lfs/", status=0, after=2, times=1)  # a lost connection mid-upload
     logs: list[str] = []
     res = _publish(hub, demo_build, logs, include_real=True)
-    assert (f503.fired, race.fired, f429.fired) == (2, 1, 1)
-    assert res.tag in hub.repo(REPO).tags
-    assert sum("retrying" in line for line in logs) == 4
+    assert (f503.fired, f429.fired, drop.fired) == (2, 1, 1)
+    _assert_holds_build(hub, res.tag, demo_build)
+    commits = len(hub.history(REPO)) - 1  # our commits on top of the repo's initial commit
+    assert len(hub.requests("POST", r"/commit/main$")) == commits + 2
+    assert len(hub.requests("POST", r"/tag/")) == 2
+    assert len(hub.requests("PUT", r"^/_lfs/")) == len(hub.repo(REPO).lfs) + 1
+    assert res.retries == sum("retrying" in line for line in logs) >= 1
+
+
+def test_retry_accounting_is_our_own(monkeypatch):
+    """Our retry loop alone, on the exceptions huggingface_hub raises: lost connections and 5xx are
+    retried, a commit race (412) and a 4xx are not, and give-up names the attempts."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from fillup_data import hub as hubmod
+
+    monkeypatch.setattr(hubmod.time, "sleep", lambda s: None)
+
+    def http_error(status: int) -> HfHubHTTPError:
+        return HfHubHTTPError(f"{status} error", response=httpx2.Response(
+            status, request=httpx2.Request("POST", "http://127.0.0.1/api/datasets/o/n/commit/main")))
+
+    def failing(errors: list[BaseException]):
+        calls = []
+
+        def fn():
+            calls.append(1)
+            if errors:
+                raise errors.pop(0)
+            return "ok"
+        return fn, calls
+
+    retry = hubmod._Retrier(max_retries=3, base_delay=0.0, log=lambda *_: None)
+    fn, calls = failing([httpx2.RemoteProtocolError("Server disconnected"), http_error(503)])
+    assert retry("x", fn) == "ok" and len(calls) == 3 and retry.retries == 2
+    for status in (412, 404):
+        retry = hubmod._Retrier(max_retries=3, base_delay=0.0, log=lambda *_: None)
+        fn, calls = failing([http_error(status)])
+        with pytest.raises(FillupError) as err:
+            retry("x", fn)
+        assert len(calls) == 1 and retry.retries == 0 and err.value.__cause__.response.status_code == status
+    retry = hubmod._Retrier(max_retries=2, base_delay=0.0, log=lambda *_: None)
+    fn, calls = failing([http_error(500)] * 5)
+    with pytest.raises(FillupError, match=r"(?s)after 3 attempts.*kept failing"):
+        retry("x", fn)
+    assert len(calls) == 3 and retry.retries == 2
 
 
 def test_gives_up_after_max_retries_with_clear_error(hub: HubServer, demo_build: Path):
     hub.fail("POST", r"/commit/main$", status=500, times=None)
-    with pytest.raises(FillupError, match="kept failing.*resumes"):
-        _publish(hub, demo_build, include_real=True, max_retries=2)
-    assert len(hub.requests("POST", r"/commit/main$")) == 3
+    logs: list[str] = []
+    with pytest.raises(FillupError, match=r"(?s)after 3 attempts.*kept failing.*resumes"):
+        _publish(hub, demo_build, logs, include_real=True, max_retries=2)
+    assert sum("retrying" in line for line in logs) == 2  # publish's own tries: 1 + max_retries
+    assert len(hub.requests("POST", r"/commit/main$")) >= 3  # (more if the client retried inside a try)
+    assert not hub.repo(REPO).tags and "manifest.json" not in hub.files_at(REPO)
 
 
 # --------------------------------------------------------------------------- versions and tags
@@ -277,7 +349,7 @@ def test_foreign_tag_without_manifest_is_refused(hub: HubServer, demo_build: Pat
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=hub.endpoint, token=TOKEN)
-    api.create_repo(REPO, repo_type="dataset")
+    api.create_repo(REPO, repo_type="dataset", private=True)
     api.create_tag(REPO, tag="v1.0.0", repo_type="dataset")
     with pytest.raises(FillupError, match="no manifest.json"):
         _publish(hub, demo_build, include_real=True)
