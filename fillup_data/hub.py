@@ -344,7 +344,7 @@ def _check_visibility(info, want_private: bool, why: str, url: str) -> None:
     if info.private is None or bool(info.private) == want_private:
         return
     have, want = ("private", "public") if info.private else ("public", "private")
-    flag = "--public" if info.private else "--private"
+    flag = "--private" if info.private else "--public"
     raise FillupError(
         f"{url} is {have}, but this publish asks for {want} ({why}); publish never changes a repo's visibility: "
         f"pass {flag} to publish into it as it is, change its visibility in the repo's settings on the Hub, "
@@ -546,7 +546,8 @@ def publish(
 
     # 3. Data in batches of commits; card + manifest (+ deletions) in the last commit, so a manifest
     #    on main means the upload finished.  Each commit names its parent: a commit someone else made
-    #    meanwhile fails ours (412) instead of interleaving with it.
+    #    meanwhile fails ours (412) instead of interleaving with it.  (A retried commit whose first
+    #    answer was lost is found unchanged by the client's preupload check and not sent again.)
     def commit(ops: Callable[[], list], message: str, what: str) -> str:
         return retry(what, lambda: api.create_commit(
             repo_id, ops(), repo_type="dataset", commit_message=message, parent_commit=head)).oid
@@ -571,29 +572,21 @@ def publish(
     finally:
         bar.close()
 
-    expected = data + final
     if final_todo or stale:
         try:
             head = commit(lambda: [add(f) for f in final_todo] + [CommitOperationDelete(p) for p in stale],
                           f"{manifest['name']} {version} (fingerprint {manifest['fingerprint'][:12]})",
                           "uploading the card and manifest")
         except FillupError as err:
-            if _status(err.__cause__) != COMMIT_RACE_STATUS:
-                raise
-            # Our commit may have landed with its answer lost (the retry then races with it), or main
-            # may hold this build through another publisher: main is taken only if it is this build.
-            info = _repo_info(api, repo_id, retry)
-            tree = _remote_files(api, repo_id, info.sha if info else None, retry)
-            if _mismatches(tree, expected):
+            if _status(err.__cause__) == COMMIT_RACE_STATUS:
                 raise _race_error(url, head) from err
-            log(f"  main moved while publishing, and now holds this very build (commit {info.sha[:12]})")
-            head = info.sha
+            raise
         uploaded += [f.path for f in final_todo]
     unchanged += [f for f in final if f not in final_todo]
 
     # 4. Check the commit holds this build, file by file (sha256 of LFS files against the manifest),
     #    before it gets a tag: a tag is forever.
-    wrong = _mismatches(_remote_files(api, repo_id, head, retry), expected)
+    wrong = _mismatches(_remote_files(api, repo_id, head, retry), data + final)
     if wrong:
         raise FillupError(
             f"{url}: commit {head[:12]} on main does not hold this build, so it was not tagged {tag}: "
