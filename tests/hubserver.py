@@ -11,7 +11,11 @@ client maps to ``RepositoryNotFoundError`` / ``RevisionNotFoundError`` / ``Entry
 Xet is not implemented: clients must run with ``HF_HUB_DISABLE_XET=1`` (``client_env`` sets it),
 which makes ``huggingface_hub`` use the classic LFS protocol.
 
-Faults can be injected (``server.fail(...)``) to test retries and resumable uploads, and every
+Faults can be injected (``server.fail(...)``) to test retries and resumable uploads: an error
+answer, a connection dropped before the request is handled, or one dropped after it was handled
+(the commit landed, its answer was lost).  ``server.before(...)`` runs test code (a second client's
+commit, say) just before a matching request is handled, and ``HubServer(honor_parent_commit=False)``
+reproduces a Hub that accepted a commit without checking ``parentCommit`` (datasets#7708).  Every
 request is recorded (method, path, status; never the token) in ``server.log``.
 
 Usage::
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import re
@@ -38,7 +43,7 @@ from datetime import datetime, timezone
 from fnmatch import fnmatch
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import yaml
@@ -149,7 +154,9 @@ class HubError(Exception):
 class Fault:
     """Answer matching requests number ``after`` .. ``after + times - 1`` (0-based) with an error.
 
-    ``status`` 0 drops the connection without an answer (a network failure).
+    ``status`` 0 drops the connection without an answer (a network failure): before the request is
+    handled, or after it with ``handled=True`` (the change happened, the client never hears of it).
+    ``run`` makes it a hook instead of a fault: the callable runs, then the request is handled normally.
     """
 
     method: str
@@ -159,6 +166,8 @@ class Fault:
     times: int | None = 1  # None: every matching request from ``after`` on
     message: str = "Internal Error (injected by the test server)"
     headers: dict[str, str] = field(default_factory=dict)
+    handled: bool = False
+    run: Callable[[], None] | None = None
     seen: int = 0
     fired: int = 0
 
@@ -193,8 +202,10 @@ class HubServer:
         tree_page_size: int = 1000,
         max_body_bytes: int = 1 << 30,
         request_timeout_s: float = 60.0,
+        honor_parent_commit: bool = True,
     ):
         self.tree_page_size = tree_page_size
+        self.honor_parent_commit = honor_parent_commit
         self.max_body_bytes = max_body_bytes
         self.request_timeout_s = request_timeout_s
         self.repos: dict[tuple[str, str], Repo] = {}
@@ -239,6 +250,10 @@ class HubServer:
             self.faults.append(fault)
         return fault
 
+    def before(self, method: str, pattern: str, fn: Callable[[], None], after: int = 0, times: int | None = 1) -> Fault:
+        """Run ``fn`` just before matching requests ``after`` .. ``after + times - 1`` are handled."""
+        return self.fail(method, pattern, status=200, after=after, times=times, run=fn)
+
     def clear_faults(self) -> None:
         with self.lock:
             self.faults.clear()
@@ -256,6 +271,18 @@ class HubServer:
 
     def repo(self, repo_id: str, repo_type: str = "dataset") -> Repo:
         return self.repos[(repo_type, repo_id)]
+
+    def history(self, repo_id: str, revision: str = "main", repo_type: str = "dataset") -> list[tuple[Commit, set[str]]]:
+        """The commits leading to ``revision``, oldest first, each with the paths it added, changed or deleted."""
+        repo = self.repo(repo_id, repo_type)
+        commit = repo.resolve(revision)
+        out = []
+        while commit is not None:
+            before = repo.commits[commit.parent].files if commit.parent else {}
+            changed = {p for p in set(before) | set(commit.files) if before.get(p) != commit.files.get(p)}
+            out.append((commit, changed))
+            commit = repo.commits.get(commit.parent) if commit.parent else None
+        return out[::-1]
 
     def files_at(self, repo_id: str, revision: str = "main", repo_type: str = "dataset") -> dict[str, bytes]:
         """Every file of a revision with its content (LFS content resolved)."""
@@ -370,6 +397,20 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             with self.hub.lock:
                 fault = next((f for f in self.hub.faults if f.check(method, unquote(self.raw_path))), None)
+            if fault is not None and fault.run is not None:
+                fault.run()  # a hook: outside the lock, so it may itself call this server
+                fault = None
+            if fault is not None and fault.status == 0 and fault.handled:
+                # handle the request, then lose the answer: the client sees a dropped connection
+                answer, self.wfile = self.wfile, io.BytesIO()
+                try:
+                    self._route(method)
+                finally:
+                    self.wfile = answer
+                status = 0
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
             if fault is not None:
                 self._drain_body()
                 if fault.status == 0:  # a dropped connection
@@ -681,7 +722,7 @@ class _Handler(BaseHTTPRequestHandler):
         header = lines[0]["value"]
         head = r.branches[branch]
         parent = header.get("parentCommit")
-        if parent and not head.startswith(parent):
+        if parent and not head.startswith(parent) and self.hub.honor_parent_commit:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
         files = dict(r.commits[head].files)
         for line in lines[1:]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -69,13 +70,38 @@ def hub(hub_server: HubServer, monkeypatch) -> HubServer:  # noqa: F811
     return hub_server
 
 
-def _uploadable(out: Path) -> set[str]:
-    """The build's files publish sends besides README.md and manifest.json (with real shards)."""
-    from fillup_data.hub import _card_links
+def _uploadable(out: Path, include_real: bool = True) -> set[str]:
+    """The build's files publish sends besides README.md and manifest.json: its known outputs."""
+    from fillup_data.shards.card import card_figures
 
-    files = {f"data/{p.name}" for p in (out / "data").glob("*.tar")}
-    files |= {p.relative_to(out).as_posix() for p in (out / "tokens").rglob("*.safetensors")} | {"index.parquet"}
-    return files | set(_card_links((out / "README.md").read_text(), out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {s["path"] for s in manifest["shards"] if include_real or s["origin"] != "real"}
+    files |= {t["path"] for t in manifest["tokens"]} | {"index.parquet"}
+    return files | set(card_figures(manifest, include_real))
+
+
+def _other_build(demo_build: Path, tmp_path: Path, version: str = "1.0.1") -> Path:
+    """Another build of the same dataset: new version and fingerprint, one synthetic shard with other bytes."""
+    from fillup_data.shards.writer import sha256_file
+
+    other = tmp_path / "other"
+    shutil.copytree(demo_build, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest.update(version=version, fingerprint="f" * 64)
+    shard = next(s for s in manifest["shards"] if s["origin"] == "synthetic")
+    with (other / shard["path"]).open("ab") as f:
+        f.write(b"\0" * 1024)  # two more end-of-archive blocks: still a valid tar, other bytes
+    shard.update(num_bytes=(other / shard["path"]).stat().st_size, sha256=sha256_file(other / shard["path"]))
+    (other / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return other
+
+
+def _assert_holds_build(hub: HubServer, revision: str, out: Path, include_real: bool = True) -> None:
+    files = hub.files_at(REPO, revision)
+    assert set(files) == {".gitattributes", "README.md", "manifest.json"} | _uploadable(out, include_real)
+    for p in _uploadable(out, include_real):
+        assert files[p] == (out / p).read_bytes(), p
+    assert json.loads(files["manifest.json"]) == json.loads((out / "manifest.json").read_text())
 
 
 def _publish(hub: HubServer, out: Path, logs: list[str] | None = None, **kw) -> PublishResult:
@@ -221,23 +247,70 @@ def test_interrupted_upload_resumes_uploading_only_what_is_missing(hub: HubServe
 
 
 def test_transient_errors_are_retried_with_backoff(hub: HubServer, demo_build: Path):
+    """Each injected fault costs exactly one more request, whoever retries it: publish itself (commits,
+    tags) or huggingface_hub inside a call (LFS uploads); the count of publish's own retries is its own."""
     f503 = hub.fail("POST", r"/commit/main$", status=503, times=2)
-    # faults are checked in order: the race fault counts only the commits the 503 fault let through
-    race = hub.fail("POST", r"/commit/main$", status=412, after=1, times=1,
-                    message="A commit has happened since. Please refresh and try again.")
     f429 = hub.fail("POST", r"/tag/", status=429, times=1, headers={"Retry-After": "0"})
+    drop = hub.fail("PUT", r"^/_lfs/", status=0, after=2, times=1)  # a lost connection mid-upload
     logs: list[str] = []
     res = _publish(hub, demo_build, logs, include_real=True)
-    assert (f503.fired, race.fired, f429.fired) == (2, 1, 1)
-    assert res.tag in hub.repo(REPO).tags
-    assert sum("retrying" in line for line in logs) == 4
+    assert (f503.fired, f429.fired, drop.fired) == (2, 1, 1)
+    _assert_holds_build(hub, res.tag, demo_build)
+    commits = len(hub.history(REPO)) - 1  # our commits on top of the repo's initial commit
+    assert len(hub.requests("POST", r"/commit/main$")) == commits + 2
+    assert len(hub.requests("POST", r"/tag/")) == 2
+    assert len(hub.requests("PUT", r"^/_lfs/")) == len(hub.repo(REPO).lfs) + 1
+    assert res.retries == sum("retrying" in line for line in logs) >= 1
+
+
+def test_retry_accounting_is_our_own(monkeypatch):
+    """Our retry loop alone, on the exceptions huggingface_hub raises: lost connections and 5xx are
+    retried, a commit race (412) and a 4xx are not, and give-up names the attempts."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from fillup_data import hub as hubmod
+
+    monkeypatch.setattr(hubmod.time, "sleep", lambda s: None)
+
+    def http_error(status: int) -> HfHubHTTPError:
+        return HfHubHTTPError(f"{status} error", response=httpx2.Response(
+            status, request=httpx2.Request("POST", "http://127.0.0.1/api/datasets/o/n/commit/main")))
+
+    def failing(errors: list[BaseException]):
+        calls = []
+
+        def fn():
+            calls.append(1)
+            if errors:
+                raise errors.pop(0)
+            return "ok"
+        return fn, calls
+
+    retry = hubmod._Retrier(max_retries=3, base_delay=0.0, log=lambda *_: None)
+    fn, calls = failing([httpx2.RemoteProtocolError("Server disconnected"), http_error(503)])
+    assert retry("x", fn) == "ok" and len(calls) == 3 and retry.retries == 2
+    for status in (412, 404):
+        retry = hubmod._Retrier(max_retries=3, base_delay=0.0, log=lambda *_: None)
+        fn, calls = failing([http_error(status)])
+        with pytest.raises(FillupError) as err:
+            retry("x", fn)
+        assert len(calls) == 1 and retry.retries == 0 and err.value.__cause__.response.status_code == status
+    retry = hubmod._Retrier(max_retries=2, base_delay=0.0, log=lambda *_: None)
+    fn, calls = failing([http_error(500)] * 5)
+    with pytest.raises(FillupError, match=r"(?s)after 3 attempts.*kept failing"):
+        retry("x", fn)
+    assert len(calls) == 3 and retry.retries == 2
 
 
 def test_gives_up_after_max_retries_with_clear_error(hub: HubServer, demo_build: Path):
     hub.fail("POST", r"/commit/main$", status=500, times=None)
-    with pytest.raises(FillupError, match="kept failing.*resumes"):
-        _publish(hub, demo_build, include_real=True, max_retries=2)
-    assert len(hub.requests("POST", r"/commit/main$")) == 3
+    logs: list[str] = []
+    with pytest.raises(FillupError, match=r"(?s)after 3 attempts.*kept failing.*resumes"):
+        _publish(hub, demo_build, logs, include_real=True, max_retries=2)
+    assert sum("retrying" in line for line in logs) == 2  # publish's own tries: 1 + max_retries
+    assert len(hub.requests("POST", r"/commit/main$")) >= 3  # (more if the client retried inside a try)
+    assert not hub.repo(REPO).tags and "manifest.json" not in hub.files_at(REPO)
 
 
 # --------------------------------------------------------------------------- versions and tags
@@ -277,10 +350,226 @@ def test_foreign_tag_without_manifest_is_refused(hub: HubServer, demo_build: Pat
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=hub.endpoint, token=TOKEN)
-    api.create_repo(REPO, repo_type="dataset")
+    api.create_repo(REPO, repo_type="dataset", private=True)
     api.create_tag(REPO, tag="v1.0.0", repo_type="dataset")
     with pytest.raises(FillupError, match="no manifest.json"):
         _publish(hub, demo_build, include_real=True)
+
+
+# --------------------------------------------------------------------------- whose repo, which visibility
+def _foreign_repo(hub: HubServer, private: bool = True) -> None:
+    """Someone's dataset: a card and a data file, uploaded with the real client."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    api.create_repo(REPO, repo_type="dataset", private=private)
+    api.upload_file(path_or_fileobj=b"# their dataset\n", path_in_repo="README.md", repo_id=REPO, repo_type="dataset")
+    api.upload_file(path_or_fileobj=b"a,b\n1,2\n", path_in_repo="data/train.csv", repo_id=REPO, repo_type="dataset")
+
+
+def test_repo_holding_another_dataset_is_refused_untouched(hub: HubServer, demo_build: Path, tmp_path: Path):
+    _foreign_repo(hub)
+    before = dict(hub.repo(REPO).branches)
+    with pytest.raises(FillupError, match=r"(?s)main already holds README.md, data/train.csv and no fillup-data "
+                                          r"manifest.json.*would delete.*another --repo|new --repo"):
+        _publish(hub, demo_build, include_real=True)
+    assert hub.repo(REPO).branches == before and not hub.repo(REPO).tags
+    assert set(hub.files_at(REPO)) == {".gitattributes", "README.md", "data/train.csv"}
+
+    # a fillup-data build of another dataset is someone else's too
+    other = _other_build(demo_build, tmp_path)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["name"] = "another-dataset"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    _publish(hub, other, repo_id="org/another", include_real=True)
+    hub.clear_log()
+    with pytest.raises(FillupError, match="holds the fillup-data dataset 'another-dataset'.*one dataset per repo"):
+        _publish(hub, demo_build, repo_id="org/another", include_real=True)
+    assert not hub.requests("POST", "/commit/|/tag/|/preupload/") and not hub.requests("PUT")
+
+
+def test_dry_run_lists_uploads_and_deletions_and_changes_nothing(hub: HubServer, demo_build: Path):
+    logs: list[str] = []
+    res = _publish(hub, demo_build, logs, include_real=True, dry_run=True)
+    assert res.dry_run and (REPO not in {r for _, r in hub.repos})  # not even created
+    assert set(res.uploaded) == _uploadable(demo_build) | {"README.md", "manifest.json"}
+    assert any(f"would create private dataset repo" in line for line in logs)
+    assert any("would upload data/train-real-00000.tar" in line for line in logs)
+
+    _publish(hub, demo_build, include_real=True)
+    state = (dict(hub.repo(REPO).branches), dict(hub.repo(REPO).tags), set(hub.repo(REPO).lfs))
+    hub.clear_log()
+    logs.clear()
+    res = _publish(hub, demo_build, logs, include_real=False, tag="v1.0.0-synthetic", dry_run=True)
+    assert sorted(res.deleted) == _real_shards(demo_build) and res.commit == ""
+    # the card changes without real images, and shows the synthetic-only figure
+    assert set(res.uploaded) == {"README.md", "assets/samples-synthetic.png"}
+    assert all(any(f"would delete {p}" in line for line in logs) for p in _real_shards(demo_build))
+    assert (dict(hub.repo(REPO).branches), dict(hub.repo(REPO).tags), set(hub.repo(REPO).lfs)) == state
+    writes = [r for r in hub.log if r.method in ("PUT", "DELETE")
+              or (r.method == "POST" and "/paths-info/" not in r.path)]
+    assert not writes, writes
+
+
+def test_new_repo_is_private_unless_public_is_asked(hub: HubServer, demo_build: Path, monkeypatch):
+    from fillup_data import recipe as recipe_mod
+    from fillup_data.hub import requested_visibility
+
+    res = _publish(hub, demo_build, include_real=True)
+    assert hub.repo(REPO).private and res.private
+    create = [r for r in hub.requests("POST", "/api/repos/create")]
+    assert len(create) == 1
+
+    _publish(hub, demo_build, repo_id="org/public-one", include_real=True, private=False)
+    assert not hub.repo("org/public-one").private
+
+    manifest = json.loads((demo_build / "manifest.json").read_text())
+    manifest["recipe"]["publish"]["private"] = True
+    assert requested_visibility(None, manifest) == (True, "the recipe's publish.private: true")
+    assert requested_visibility(False, manifest)[0] is False  # the command line wins, as for --include-real
+    manifest["recipe"]["publish"]["private"] = False  # today also the schema's default: not a choice
+    assert requested_visibility(None, manifest)[0] is True
+    monkeypatch.setattr(recipe_mod.PublishConfig.model_fields["private"], "default", None)
+    assert requested_visibility(None, manifest) == (False, "the recipe's publish.private: false")
+
+
+def test_existing_repo_visibility_is_never_changed(hub: HubServer, demo_build: Path):
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=hub.endpoint, token=TOKEN).create_repo(REPO, repo_type="dataset", private=False)
+    with pytest.raises(FillupError, match=r"is public, but this publish asks for private \(the default.*--public"):
+        _publish(hub, demo_build, include_real=True)
+    assert len(hub.history(REPO)) == 1 and not hub.repo(REPO).private
+    res = _publish(hub, demo_build, include_real=True, private=False)
+    assert res.tag in hub.repo(REPO).tags and not hub.repo(REPO).private
+
+    _publish(hub, demo_build, repo_id="org/secret", include_real=True, private=True)
+    with pytest.raises(FillupError, match=r"is private, but this publish asks for public \(--public\).*--private"):
+        _publish(hub, demo_build, repo_id="org/secret", include_real=True, private=False, tag="v1.0.0-b")
+    assert hub.repo("org/secret").private and "v1.0.0-b" not in hub.repo("org/secret").tags
+
+
+# --------------------------------------------------------------------------- concurrent publishes
+def _second_client_commits_their_shard(hub: HubServer, other: Path):
+    """A hook: another publisher's data commit (the real client), overwriting one of our shard paths."""
+    from huggingface_hub import HfApi
+
+    rel = next(s["path"] for s in json.loads((other / "manifest.json").read_text())["shards"]
+               if s["origin"] == "synthetic")
+
+    def commit():
+        HfApi(endpoint=hub.endpoint, token=TOKEN).upload_file(
+            path_or_fileobj=str(other / rel), path_in_repo=rel, repo_id=REPO, repo_type="dataset")
+    return rel, commit
+
+
+def test_concurrent_commit_fails_ours_cleanly_and_rerun_tags_the_right_files(hub: HubServer, demo_build: Path,
+                                                                             tmp_path: Path):
+    """Another publisher's shard lands between our data commit and our card commit: ours must fail
+    without tagging (a tag over their shard and our manifest would be wrong forever)."""
+    other = _other_build(demo_build, tmp_path)
+    rel, their_commit = _second_client_commits_their_shard(hub, other)
+    hub.before("POST", r"/commit/main$", their_commit, after=1)
+    with pytest.raises(FillupError, match="(?s)another commit landed on main while publishing.*nothing was tagged"):
+        _publish(hub, demo_build, include_real=True)
+    assert not hub.repo(REPO).tags and "manifest.json" not in hub.files_at(REPO)
+    assert hub.files_at(REPO)[rel] == (other / rel).read_bytes()  # theirs, not overwritten
+    # they finish their publish, then the same command finishes ours; each tag holds its own build
+    _publish(hub, other, include_real=True)
+    res = _publish(hub, demo_build, include_real=True)
+    _assert_holds_build(hub, res.tag, demo_build)
+    _assert_holds_build(hub, "v1.0.1", other)
+
+
+def test_tree_is_checked_against_the_manifest_before_tagging(demo_build: Path, tmp_path: Path, monkeypatch):
+    """A Hub that took a commit without honouring parent_commit (datasets#7708): the interleaved tree
+    holds their shard under our manifest, and the file check keeps the tag off it."""
+    import huggingface_hub.constants as C
+
+    monkeypatch.setattr(C, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)
+    other = _other_build(demo_build, tmp_path)
+    with HubServer(honor_parent_commit=False) as hub:
+        rel, their_commit = _second_client_commits_their_shard(hub, other)
+        hub.before("POST", r"/commit/main$", their_commit, after=1)
+        with pytest.raises(FillupError, match=rf"does not hold this build, so it was not tagged v1.0.0: "
+                                              rf"{re.escape(rel)} \(other content\)"):
+            _publish(hub, demo_build, include_real=True)
+        assert not hub.repo(REPO).tags
+        assert json.loads(hub.files_at(REPO)["manifest.json"])["version"] == "1.0.0"  # the interleaved main
+
+
+# --------------------------------------------------------------------------- lost connections, commit sizes
+@pytest.mark.parametrize("commit", [0, 4], ids=["data-commit", "card-commit"])
+def test_lost_answer_to_a_commit_completes_by_retry(hub: HubServer, demo_build: Path, commit: int):
+    """The commit lands but its answer is lost: publish retries, nothing is committed twice, and the
+    run ends with the tag on a main that holds this build."""
+    lost = hub.fail("POST", r"/commit/main$", status=0, handled=True, after=commit)
+    res = _publish(hub, demo_build, include_real=True, max_files_per_commit=10)
+    assert lost.fired == 1 and res.retries >= 1
+    assert hub.repo(REPO).tags[res.tag] == hub.repo(REPO).branches["main"] == res.commit
+    assert len(hub.history(REPO)) == 1 + -(-len(_uploadable(demo_build)) // 10) + 1  # no commit twice
+    _assert_holds_build(hub, res.tag, demo_build)
+
+
+def test_commits_are_split_under_the_per_commit_limit(hub: HubServer, demo_build: Path):
+    res = _publish(hub, demo_build, include_real=True, max_files_per_commit=4)
+    history = hub.history(REPO, res.tag)
+    ours = history[1:]  # after the repo's initial commit
+    n = len(_uploadable(demo_build))
+    assert len(ours) == -(-n // 4) + 1  # the data in ceil(n / 4) commits, then card + manifest
+    assert all(len(changed) <= 4 for _, changed in ours)
+    assert ours[-1][1] == {"README.md", "manifest.json"}
+    assert set().union(*(changed for _, changed in ours)) == _uploadable(demo_build) | {"README.md", "manifest.json"}
+
+
+def test_more_files_in_a_folder_than_the_hub_takes_is_refused(demo_build: Path, monkeypatch):
+    from fillup_data import hub as hubmod
+
+    monkeypatch.setattr(hubmod, "MAX_FILES_PER_FOLDER", 3)
+    with pytest.raises(FillupError, match=r"/data: \d+ files to publish, the Hub takes at most 3.*max_samples"):
+        publish(demo_build, REPO, include_real=True, progress=False, log=lambda *_: None)
+
+
+# --------------------------------------------------------------------------- what leaves the machine
+def test_local_source_root_is_not_published(hub: HubServer, demo_build: Path):
+    manifest = json.loads((demo_build / "manifest.json").read_text())
+    manifest["recipe"]["source"] = {"kind": "split_file", "root": "/home/alice/datasets/ImageNet-LT",
+                                    "train": "ImageNet_LT_train.txt", "test": None, "class_names": None,
+                                    "imbalance_factor": None, "imbalance_max": None}
+    (demo_build / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    local = (demo_build / "manifest.json").read_bytes()
+    logs: list[str] = []
+    res = _publish(hub, demo_build, logs, include_real=True)
+    files = hub.files_at(REPO, res.tag)
+    assert not any(b"/home/alice" in data for data in files.values())
+    published = json.loads(files["manifest.json"])
+    assert published["recipe"]["source"]["root"] == "<local path, not published>"
+    assert published["fingerprint"] == manifest["fingerprint"] and published["shards"] == manifest["shards"]
+    assert (demo_build / "manifest.json").read_bytes() == local  # the build keeps its own record
+    assert any("recipe.source.root replaced" in line for line in logs)
+    from fillup_data.recipe import parse_recipe
+
+    parse_recipe(published["recipe"])  # still a valid recipe (regenerate reads it)
+    assert _publish(hub, demo_build, include_real=True).already_published
+
+
+def test_only_the_builds_own_outputs_are_uploaded_whatever_the_card_links(hub: HubServer, demo_build: Path,
+                                                                         tmp_path: Path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    (demo_build / "assets" / "leak.png").symlink_to(secret)
+    (demo_build / "notes.png").write_bytes(b"\x89PNG local notes")
+    manifest = json.loads((demo_build / "manifest.json").read_text())
+    # class names come from the user's class list and land in the card's YAML
+    manifest["classes"][0]["name"] = "![a](report.json) ![b](../../etc/passwd) ![c](notes.png)"
+    manifest["classes"][1]["name"] = "<img src='assets/leak.png'> ![d](.fillup/plan.json)"
+    (demo_build / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    res = _publish(hub, demo_build, include_real=True)
+    files = hub.files_at(REPO, res.tag)
+    assert "report.json" in files["README.md"].decode()  # the link is there, the file is not
+    assert set(files) == {".gitattributes", "README.md", "manifest.json"} | _uploadable(demo_build)
+    assert not any(b"not for the Hub" in data for data in files.values())
 
 
 # --------------------------------------------------------------------------- bad input, CLI
@@ -330,6 +619,30 @@ def test_cli_publish(hub: HubServer, demo_build: Path, monkeypatch, capsys):
     assert f'load_dataset("{REPO}", revision="v1.0.0-rc1")' in out and TOKEN not in out
     assert "v1.0.0-rc1" in hub.repo(REPO).tags and hub.repo(REPO).private
     assert all(r.authenticated for r in hub.requests("POST"))
+
+
+def test_cli_visibility_flags_dry_run_and_refusal_exit_status(hub: HubServer, demo_build: Path, monkeypatch, capsys):
+    import huggingface_hub.constants as C
+
+    from fillup_data.cli import main
+
+    monkeypatch.setattr(C, "ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(C, "HF_TOKEN_PATH", str(demo_build / "no-token-file"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["publish", str(demo_build), "--repo", REPO, "--private", "--public"])
+    assert exit_.value.code == 2  # argparse: not allowed together
+    capsys.readouterr()
+    assert main(["publish", str(demo_build), "--repo", REPO, "--public", "--dry-run", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "would create public dataset repo" in out and "would upload manifest.json" in out and not hub.repos
+    assert main(["publish", str(demo_build), "--repo", REPO, "--public", "--no-progress"]) == 0
+    assert not hub.repo(REPO).private
+    capsys.readouterr()
+    assert main(["publish", str(demo_build), "--repo", REPO, "--tag", "v2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is public, but this publish asks for private" in err
+    assert "Traceback" not in err and TOKEN not in err
 
 
 # --------------------------------------------------------------------------- the real Hub (opt-in)

@@ -231,3 +231,74 @@ def test_tree_pagination_ranges_and_dropped_connection(tiny_dataset: Path, tmp_p
         assert res["infos"] == ["RepoFile:README.md", "RepoFolder:data"]
         assert res["range"] == [206, "---", f"bytes 0-2/{len(CARD)}"]
         assert res["card"] == "---" and drop.fired == 1
+
+
+def test_visibility_parent_commit_and_lost_answers(hub_server: HubServer, tmp_path: Path):
+    """What publish relies on, through the real client: a repo's visibility, a commit on a stale
+    ``parent_commit`` refused with 412, and a commit whose answer is lost having landed all the same."""
+    hub_server.fail("POST", r"/commit/main$", status=0, handled=True, after=2)
+    res = _client(hub_server, tmp_path, """
+        import json
+        from huggingface_hub import HfApi, CommitOperationAdd
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+        api = HfApi()
+        api.create_repo("org/secret", repo_type="dataset", private=True)
+        api.create_repo("org/open", repo_type="dataset", private=False)
+        out = {"private": [api.dataset_info("org/secret").private, api.dataset_info("org/open").private]}
+        try:
+            HfApi(token=False).dataset_info("org/secret"); out["anonymous"] = "visible"
+        except RepositoryNotFoundError:
+            out["anonymous"] = "not found"
+        first = api.dataset_info("org/open").sha
+        api.create_commit("org/open", [CommitOperationAdd("a.txt", b"a")], commit_message="a",
+                          repo_type="dataset", parent_commit=first)
+        try:
+            api.create_commit("org/open", [CommitOperationAdd("b.txt", b"b")], commit_message="b",
+                              repo_type="dataset", parent_commit=first)
+            out["stale_parent"] = "accepted"
+        except HfHubHTTPError as e:
+            out["stale_parent"] = e.response.status_code
+        try:  # the third commit: handled, then the connection drops
+            api.create_commit("org/open", [CommitOperationAdd("c.txt", b"c")], commit_message="c", repo_type="dataset")
+            out["lost"] = "answered"
+        except Exception as e:
+            out["lost"] = type(e).__name__
+        out["files"] = sorted(api.list_repo_files("org/open", repo_type="dataset"))
+        print(json.dumps(out))
+    """)
+    assert res["private"] == [True, False] and res["anonymous"] == "not found"
+    assert res["stale_parent"] == 412
+    assert res["lost"] != "answered" and res["files"] == [".gitattributes", "a.txt", "c.txt"]
+    assert [sorted(changed) for _, changed in hub_server.history("org/open")] == [[".gitattributes"], ["a.txt"], ["c.txt"]]
+
+
+def test_hook_runs_a_second_client_before_the_request(hub_server: HubServer, monkeypatch):
+    """``before`` lets a second client commit between two of ours; ``honor_parent_commit=False`` is a
+    Hub that lets a stale parent through."""
+    import huggingface_hub.constants as C
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    monkeypatch.setattr(C, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", False)
+
+    def commit(api: HfApi, path: str, parent: str | None = None) -> None:
+        api.upload_file(path_or_fileobj=path.encode(), path_in_repo=path, repo_id="org/tiny", repo_type="dataset",
+                        parent_commit=parent)
+
+    api = HfApi(endpoint=hub_server.endpoint, token="hf_loopback_test_token")
+    hook = hub_server.before("POST", r"/commit/main$", lambda: commit(api, "theirs.txt"), after=1)
+    api.create_repo("org/tiny", repo_type="dataset")
+    commit(api, "ours.txt", api.dataset_info("org/tiny").sha)  # the 1st commit: no hook
+    with pytest.raises(HfHubHTTPError) as err:  # the 2nd: their commit lands first, ours is refused
+        commit(api, "ours-too.txt", api.dataset_info("org/tiny").sha)
+    assert err.value.response.status_code == 412 and hook.fired == 1
+    assert set(hub_server.files_at("org/tiny")) == {".gitattributes", "ours.txt", "theirs.txt"}
+
+    with HubServer(honor_parent_commit=False) as lax:
+        lax_api = HfApi(endpoint=lax.endpoint, token="hf_loopback_test_token")
+        lax_api.create_repo("org/tiny", repo_type="dataset")
+        stale = lax_api.dataset_info("org/tiny").sha
+        commit(lax_api, "one.txt")
+        commit(lax_api, "two.txt", stale)  # accepted on a stale parent
+        assert set(lax.files_at("org/tiny")) == {".gitattributes", "one.txt", "two.txt"}

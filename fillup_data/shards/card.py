@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import yaml
 
+from fillup_data.shards.figures import DISTRIBUTION_PNG, SAMPLES_PNG, SYNTHETIC_SAMPLES_PNG
 from fillup_data.shards.writer import METADATA_KEYS
+
 
 class _NoAliasDumper(yaml.SafeDumper):
     """Write every config's features out in full: anchors/aliases confuse some YAML readers."""
@@ -135,6 +137,15 @@ def _group_table(manifest: dict) -> str:
     return "\n".join(rows)
 
 
+def card_figures(manifest: dict, include_real: bool = True) -> list[str]:
+    """The figures (build-relative paths) the card shows: publish uploads exactly these, never what a link says.
+
+    The real-beside-synthetic grid shows real pixels, so a card without real images shows the synthetic-only grid.
+    """
+    has_syn = any(s["origin"] == "synthetic" for s in manifest["shards"])
+    return [DISTRIBUTION_PNG, SAMPLES_PNG if include_real or not has_syn else SYNTHETIC_SAMPLES_PNG]
+
+
 def render_card(manifest: dict, include_real: bool = True, repo_id: str | None = None, body_extra: str = "") -> str:
     meta = card_metadata(manifest, include_real)
     recipe = manifest["recipe"]
@@ -153,10 +164,11 @@ def render_card(manifest: dict, include_real: bool = True, repo_id: str | None =
             "`fillup-data build RECIPE --set generator.strategy=none --out real-build` from the same recipe and combine "
             "them with this repository through `fillup_data.loader` (local real + Hub synthetic).\n"
         )
+    distribution_png, samples_png = card_figures(manifest, include_real)
     samples_figure = (
-        "![real (left) and synthetic (right) samples of head, medium and tail classes](assets/samples.png)"
-        if include_real or not has_syn
-        else "![synthetic samples of head, medium and tail classes](assets/samples-synthetic.png)"
+        f"![real (left) and synthetic (right) samples of head, medium and tail classes]({samples_png})"
+        if samples_png == SAMPLES_PNG
+        else f"![synthetic samples of head, medium and tail classes]({samples_png})"
     )
     origin = "synthetic" if has_syn else "real"
     n_train = sum(1 for sh in manifest["shards"] if sh["split"] == "train" and sh["origin"] == origin)
@@ -200,7 +212,7 @@ fillup-data version {manifest.get('package_version', '')}.
 
 ## Figures
 
-![images per class before and after fill-up](assets/class_distribution.png)
+![images per class before and after fill-up]({distribution_png})
 
 {samples_figure}
 
