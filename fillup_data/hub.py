@@ -310,19 +310,14 @@ def _as_fillup_error(what: str, err: BaseException, transient: bool, attempts: i
 
 # --------------------------------------------------------------------------- visibility and ownership
 def requested_visibility(private: bool | None, manifest: dict) -> tuple[bool, str]:
-    """(private?, who said so): ``--private``/``--public``, else the recipe, else private.
-
-    ``publish.private`` defaults to false in the recipe schema today, so a false there cannot be
-    told from "not said": it counts as a choice only once the schema's default is None.
-    """
-    from fillup_data.recipe import PublishConfig
-
+    """(private?, who said so): ``--private``/``--public``, else the recipe's ``publish.private``
+    (None when the recipe does not say), else private."""
     if private is not None:
         return private, "--private" if private else "--public"
     said = (manifest["recipe"].get("publish") or {}).get("private")
     if said is True:
         return True, "the recipe's publish.private: true"
-    if said is False and PublishConfig.model_fields["private"].default is None:
+    if said is False:
         return False, "the recipe's publish.private: false"
     return True, "the default (private unless --public)"
 

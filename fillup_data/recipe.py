@@ -213,7 +213,8 @@ class PublishConfig(_Strict):
     license: str = "other"
     source_terms: str = ""
     repo: str | None = None
-    private: bool = False
+    # None = not said: publish makes the repo private unless --public (a false here is a choice)
+    private: bool | None = None
 
 
 class Recipe(_Strict):

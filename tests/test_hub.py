@@ -427,10 +427,11 @@ def test_new_repo_is_private_unless_public_is_asked(hub: HubServer, demo_build: 
     manifest["recipe"]["publish"]["private"] = True
     assert requested_visibility(None, manifest) == (True, "the recipe's publish.private: true")
     assert requested_visibility(False, manifest)[0] is False  # the command line wins, as for --include-real
-    manifest["recipe"]["publish"]["private"] = False  # today also the schema's default: not a choice
-    assert requested_visibility(None, manifest)[0] is True
-    monkeypatch.setattr(recipe_mod.PublishConfig.model_fields["private"], "default", None)
+    manifest["recipe"]["publish"]["private"] = None  # the schema's default: not said, so private
+    assert requested_visibility(None, manifest) == (True, "the default (private unless --public)")
+    manifest["recipe"]["publish"]["private"] = False  # said: public
     assert requested_visibility(None, manifest) == (False, "the recipe's publish.private: false")
+    assert recipe_mod.PublishConfig().private is None
 
 
 def test_existing_repo_visibility_is_never_changed(hub: HubServer, demo_build: Path):
