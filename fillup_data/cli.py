@@ -69,25 +69,16 @@ def cmd_build(args) -> int:
     from fillup_data.build import run_build
 
     recipe = _load(args)
-    summary = run_build(recipe, args.out, workers=args.workers, force=args.force, progress=not args.quiet)
+    summary = run_build(recipe, args.out, workers=args.workers, force=args.force, progress=not args.quiet,
+                        recipe_path=args.recipe)
     print(summary.format())
     return 0
 
 
 def cmd_status(args) -> int:
-    from fillup_data.build import STATE_DIR
+    from fillup_data.build import read_progress
 
-    out = Path(args.out)
-    state = out / STATE_DIR
-    if not (state / "build.json").is_file():
-        raise FillupError(f"{out}: not a fillup-data build (no {STATE_DIR}/build.json)")
-    plan_path = state / "plan.json"
-    planned = json.loads(plan_path.read_text())["shards"] if plan_path.is_file() else []
-    done = {p.stem for p in (state / "shards").glob("*.json")}
-    n_done = sum(1 for s in planned if Path(s).stem in done)
-    tokens = len(list((out / "tokens").glob("*.safetensors"))) if (out / "tokens").is_dir() else 0
-    finished = (out / "manifest.json").is_file()
-    print(f"{out}: {'finished' if finished else 'in progress'}; shards {n_done}/{len(planned)} done; token files {tokens}")
+    print(read_progress(args.out).format(Path(args.out)))
     return 0
 
 
@@ -243,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--out", required=True, help="output folder (relaunch with the same folder to resume)")
     p.add_argument("--workers", type=int, default=None, help="CPU processes for indexing and real shards")
-    p.add_argument("--force", action="store_true", help="delete OUT if it holds another recipe's build")
+    p.add_argument("--force", action="store_true",
+                   help="if OUT holds another recipe's build, delete that build's files (never other files) and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
 

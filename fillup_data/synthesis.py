@@ -20,6 +20,7 @@ from fillup_data.recipe import Recipe, model_revision
 from fillup_data.shards.manifest import index_row
 from fillup_data.shards.writer import ShardWriter, encode_image
 from fillup_data.sources import ImageLoadError, SourceItem, open_source
+from fillup_data.state import completed_shard, save_shard_record, shard_record
 
 # Images generated per chunk before they are encoded into the shard: bounded memory per shard.
 _CHUNK_BATCHES = 8
@@ -138,14 +139,15 @@ def write_synthetic_shard(recipe: Recipe, plan: Plan, shard: ShardPlan, out: Pat
     return rows, metas, sum(retries), num_bytes, sha
 
 
-def run(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, shards: list[ShardPlan], shard_done, save_record,
-        shard_record, progress: bool) -> tuple[int, int, int]:
+def run(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, shards: list[ShardPlan],
+        progress: bool) -> tuple[list[str], int]:
+    """Invert, then write every synthetic shard of ``shards`` not done yet, each followed by its
+    completion record.  Returns (paths written, tokens trained)."""
     from fillup_data.models import load_pipeline_for
 
-    todo = [s for s in shards if shard_done(out, s) is None]
-    reused = len(shards) - len(todo)
+    todo = [s for s in shards if completed_shard(out, s) is None]
     if not todo:
-        return 0, reused, 0
+        return [], 0
     pipe = load_pipeline_for(recipe.generator)
     trained = 0
     if recipe.generator.strategy == "textual_inversion":
@@ -155,9 +157,9 @@ def run(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, shards: list[
     bar = tqdm(total=sum(len(s.samples) for s in todo), desc="generate", unit="img", disable=not progress)
     for shard in todo:
         rows, _, retries, num_bytes, sha = write_synthetic_shard(recipe, plan, shard, out, generator, bar)
-        save_record(out, shard, shard_record(shard, len(rows), num_bytes, sha, rows, [], retries))
+        save_shard_record(out, shard, shard_record(shard, len(rows), num_bytes, sha, rows, [], retries))
     bar.close()
-    return len(todo), reused, trained
+    return [s.path for s in todo], trained
 
 
 # --------------------------------------------------------------------------- regenerate
@@ -166,14 +168,13 @@ def regenerate(build: str | Path, metadata: dict, pipe=None):
 
     The manifest's recipe supplies what a sample's metadata does not repeat (scheduler, eta,
     resolution, batch size: CPU kernels differ by batch size, so the micro-batch is kept)."""
-    import json
-
     from fillup_data.generation import SampleSpec, SyntheticGenerator
     from fillup_data.models import load_pipeline_for
     from fillup_data.recipe import parse_stored_recipe
+    from fillup_data.shards.manifest import read_manifest
 
     build = Path(build)
-    manifest = json.loads((build / "manifest.json").read_text())
+    manifest = read_manifest(build)
     recipe = parse_stored_recipe(manifest["recipe"], str(build / "manifest.json"))
     if not metadata.get("is_synthetic"):
         raise FillupError(f"sample of class {metadata.get('label')} is real: nothing to regenerate")

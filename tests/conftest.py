@@ -21,6 +21,16 @@ except ImportError:
     pass
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fillup_cache(tmp_path_factory):
+    """A private FILLUP_CACHE for the whole session, set before any fixture of any scope runs: the
+    built-in tiny model is built once per session here, never in (or reused from) ~/.cache."""
+    cache = tmp_path_factory.getbasetemp() / "fillup-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FILLUP_CACHE", str(cache))
+        yield cache
+
+
 @pytest.fixture(autouse=True)
 def _isolated_hf_home(tmp_path_factory, monkeypatch):
     """A private datasets cache per test session, so tests never see each other's cached builds."""

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from PIL import Image, ImageDraw
 
 
 @pytest.fixture(scope="session")
-def tiny_model_cache(tmp_path_factory):
-    """A private FILLUP_CACHE so tests build the built-in tiny model once, offline."""
-    saved = {k: os.environ.get(k) for k in ("FILLUP_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    cache = tmp_path_factory.mktemp("fillup-cache")
-    os.environ.update({"FILLUP_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    yield cache
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def tiny_model_cache(fillup_cache):
+    """The session's private FILLUP_CACHE (tests/conftest.py sets it for every test)."""
+    return fillup_cache
 
 
 @pytest.fixture

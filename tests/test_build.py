@@ -1,6 +1,8 @@
 """End-to-end builds with the real datasets / webdataset clients (strategy none: no model)."""
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -199,3 +201,303 @@ def test_card_parses_and_links_figures(demo_build):
     for rel in ("assets/class_distribution.png", "assets/samples.png"):
         assert f"]({rel})" in card.text
         assert Image.open(out / rel).format == "PNG"
+
+
+# --------------------------------------------------------------------------- --force, lock, records (issue 10)
+QUIET = dict(workers=1, progress=False, log=lambda *_: None)
+
+
+def mini_lt(tmp_path, **over):
+    """A three-class ImageNet-LT-style source (21 train images: 3 shards of 7, 1 test shard) and its
+    recipe, as a YAML file a user would pass to the CLI."""
+    import yaml
+
+    root = tmp_path / "data"
+    if not root.is_dir():
+        write_split_file_dataset(root, [12, 6, 3], test_per_class=2)
+    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(split_file_recipe(root, **over)))
+    return path
+
+
+def shas(out):
+    return {s["path"]: s["sha256"] for s in json.loads((out / "manifest.json").read_text())["shards"]}
+
+
+def test_force_deletes_only_the_build_files_and_says_what_it_left(tmp_path, capsys):
+    out = tmp_path / "out"
+    first, other = mini_lt(tmp_path), mini_lt(tmp_path, seed=3)
+    assert main(["build", str(first), "--out", str(out), "--quiet"]) == 0
+    (out / "notes.txt").write_text("mine")  # a user's file beside the build
+    (out / "runs").mkdir()
+    (out / "runs" / "log.txt").write_text("mine too")
+    assert main(["build", str(other), "--out", str(out), "--quiet"]) == 2
+    assert "different recipe" in capsys.readouterr().err and (out / "notes.txt").is_file()
+    assert main(["build", str(other), "--out", str(out), "--quiet", "--force"]) == 0
+    text = capsys.readouterr().out
+    assert "left 2 other entries" in text and "notes.txt" in text and "runs" in text
+    assert (out / "notes.txt").read_text() == "mine" and (out / "runs" / "log.txt").read_text() == "mine too"
+    record = json.loads((out / ".fillup" / "build.json").read_text())
+    assert record["recipe"]["seed"] == 3 and main(["inspect", str(out)]) == 0
+
+
+def test_force_refuses_a_folder_that_is_not_a_build(tmp_path, capsys):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"precious")
+    assert main(["build", str(mini_lt(tmp_path)), "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: exists" in err and "not a fillup-data build" in err and "Traceback" not in err
+    assert (out / "holiday.jpg").read_bytes() == b"precious" and not (out / ".fillup").exists()
+
+
+@pytest.mark.parametrize("where", ["home", "cwd", "recipe", "source.root"])
+def test_force_refuses_to_clear_a_folder_it_must_not(tmp_path, monkeypatch, capsys, where):
+    """Each folder holds an earlier build of another recipe, so only the guard stops the deletion."""
+    target = tmp_path / "target"
+    assert main(["build", str(mini_lt(tmp_path)), "--out", str(target), "--quiet"]) == 0
+    (target / "precious.txt").write_text("keep")
+    recipe = mini_lt(tmp_path, seed=7)
+    if where == "home":
+        monkeypatch.setenv("HOME", str(target))
+        reason = "it is your home folder"
+    elif where == "cwd":
+        monkeypatch.chdir(target)
+        reason = "it is the current folder"
+    elif where == "recipe":
+        recipe = recipe.rename(target / "recipe.yaml")
+        reason = "it contains the recipe"
+    else:
+        import shutil
+
+        shutil.copytree(tmp_path / "data", target / "images")
+        recipe = mini_lt(tmp_path, seed=7, source={**split_file_recipe(target / "images")["source"]})
+        reason = "it contains the source.root"
+    assert main(["build", str(recipe), "--out", str(target), "--quiet", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {target}: refusing --force, {reason}" in err and "Traceback" not in err
+    assert (target / "precious.txt").is_file() and (target / "manifest.json").is_file() and main(["inspect", str(target)]) == 0
+
+
+def test_force_refuses_the_filesystem_root(tmp_path, capsys):
+    assert main(["build", str(mini_lt(tmp_path)), "--out", "/", "--force"]) == 2
+    assert "--out /: refusing --force, it is the filesystem root" in capsys.readouterr().err
+
+
+def _start(code: str, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, text=True)
+
+
+def _wait_for_lock(out, pid, deadline_s=60.0):
+    import time
+
+    lock = out / ".fillup" / "lock"
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if lock.is_file() and f'"pid": {pid},' in lock.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} never took {lock}")
+
+
+def test_second_build_is_refused_while_one_runs_and_a_sigkill_frees_the_folder(tmp_path):
+    import signal
+    import socket
+
+    recipe = mini_lt(tmp_path)
+    out = tmp_path / "out"
+    # a real CLI build that stops in the index stage: one listed image is a FIFO nobody writes to,
+    # so reading it blocks (as a hung network filesystem would)
+    img = tmp_path / "data" / "train" / "n00000000" / "img_0.jpg"
+    img.rename(img.with_suffix(".keep"))
+    os.mkfifo(img)
+    first = subprocess.Popen([sys.executable, "-m", "fillup_data.cli", "build", str(recipe), "--out", str(out),
+                              "--quiet", "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for_lock(out, first.pid)
+        second = subprocess.run([sys.executable, "-m", "fillup_data.cli", "build", str(recipe), "--out", str(out),
+                                 "--quiet"], capture_output=True, text=True, timeout=120)  # without a lock: blocks too
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"another build (pid {first.pid} on host {socket.gethostname()}" in second.stderr
+        assert first.poll() is None  # the first build was not disturbed
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    img.unlink()
+    img.with_suffix(".keep").rename(img)
+    again = run_cli("build", recipe, "--out", out, "--quiet")  # the kernel dropped the dead build's lock
+    assert again.returncode == 0, again.stderr
+
+
+def test_workers_forked_by_a_build_do_not_keep_its_lock(tmp_path):
+    """A real-shard worker orphaned by a SIGKILLed build lingers; it must not hold the folder."""
+    import signal
+
+    from fillup_data.state import BuildLock
+
+    code = (
+        "import sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from pathlib import Path\n"
+        "from fillup_data.state import BuildLock\n"
+        "lock = BuildLock.acquire(Path(sys.argv[1]))\n"
+        "pool = ProcessPoolExecutor(1)\n"
+        "pool.submit(time.sleep, 0).result()\n"
+        "print(list(pool._processes)[0], flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    builder = _start(code, tmp_path / ".fillup")
+    worker = None
+    try:
+        worker = int(builder.stdout.readline())
+        builder.send_signal(signal.SIGKILL)
+        builder.wait(timeout=30)
+        os.kill(worker, 0)  # the orphaned worker still lives...
+        BuildLock.acquire(tmp_path / ".fillup").release()  # ...and the folder is free
+    finally:
+        if builder.poll() is None:
+            builder.kill()
+        if worker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+
+
+def test_concurrent_shard_writers_never_share_a_temporary_file(tmp_path):
+    import tarfile
+
+    from fillup_data.shards.writer import ShardWriter, real_metadata
+
+    path = tmp_path / "data" / "train-real-00000.tar"
+    a, b = ShardWriter(path, "png"), ShardWriter(path, "png")  # two builds writing one shard
+    assert a.tmp != b.tmp and f".{os.getpid()}-" in a.tmp.name
+    a.write("a-0", 0, b"png-a", real_metadata(0, "x", "a.png"))
+    b.write("b-0", 0, b"png-b0", real_metadata(0, "x", "b0.png"))
+    b.write("b-1", 0, b"png-b1", real_metadata(0, "x", "b1.png"))
+    a.close()
+    _, sha = b.close()
+    from fillup_data.shards.writer import sha256_file
+
+    with tarfile.open(path) as tar:  # whole, and wholly b's
+        assert [m.name for m in tar.getmembers()] == [f"b-{i}.{e}" for i in (0, 1) for e in ("cls", "json", "png")]
+    assert sha256_file(path) == sha and not list(path.parent.glob("*.tmp"))
+
+
+def test_shard_changed_after_its_record_is_detected_and_rewritten(tmp_path):
+    import pyarrow.parquet as pq
+
+    recipe = parse_recipe(split_file_recipe(write_split_file_dataset(tmp_path / "data", [12, 6, 3])["train"].parent))
+    out = tmp_path / "out"
+    first = run_build(recipe, out, **QUIET)
+    before = shas(out)
+    row = pq.read_table(out / "index.parquet").to_pylist()[3]
+    tar = out / row["shard"]
+    data = bytearray(tar.read_bytes())
+    data[row["image_offset"] + 20] ^= 0xFF  # same size: the size check alone passes it as done
+    tar.write_bytes(bytes(data))
+    again = run_build(recipe, out, **QUIET)
+    assert (again.shards_rewritten, again.shards_written, again.shards_reused) == (1, 1, first.shards - 1)
+    assert shas(out) == before and main(["inspect", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rewritten_shards"] == [{"path": row["shard"], "reason": "sha256 on disk differed from its completion record"}]
+
+
+@pytest.mark.parametrize("damage", ["", "{\"path\": \"data/tr", "[]", "\xff\xfe not utf-8"])
+def test_empty_or_garbage_completion_record_means_not_done(tmp_path, damage):
+    recipe = parse_recipe(split_file_recipe(write_split_file_dataset(tmp_path / "data", [12, 6, 3])["train"].parent))
+    out = tmp_path / "out"
+    first = run_build(recipe, out, **QUIET)
+    before = shas(out)
+    records = sorted((out / ".fillup" / "shards").glob("*.json"))
+    records[1].write_bytes(damage.encode("latin-1"))
+    again = run_build(recipe, out, **QUIET)
+    assert (again.shards_written, again.shards_reused) == (1, first.shards - 1)
+    assert shas(out) == before and json.loads(records[1].read_text())["sha256"] == before[json.loads(records[1].read_text())["path"]]
+
+
+def test_unreadable_build_record_is_a_clear_error_and_force_recovers(tmp_path, capsys):
+    recipe = mini_lt(tmp_path)
+    out = tmp_path / "out"
+    assert main(["build", str(recipe), "--out", str(out), "--quiet"]) == 0
+    (out / ".fillup" / "build.json").write_text("")
+    assert main(["build", str(recipe), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "build.json is unreadable" in err and "--force" in err and "Traceback" not in err
+    assert main(["build", str(recipe), "--out", str(out), "--quiet", "--force"]) == 0
+
+
+def test_every_record_and_shard_is_fsynced_with_its_folder(tmp_path, monkeypatch):
+    import fillup_data.state as state
+
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(state.os, "fsync", recording_fsync)
+    recipe = parse_recipe(split_file_recipe(write_split_file_dataset(tmp_path / "data", [12, 6, 3])["train"].parent))
+    out = tmp_path / "out"
+    run_build(recipe, out, **QUIET)
+    written = [*(out / ".fillup" / "shards").glob("*.json"), out / ".fillup" / "build.json",
+               out / ".fillup" / "plan.json", out / "manifest.json", out / "report.json", out / "index.parquet",
+               *(out / "data").glob("*.tar")]
+    for path in written:  # the file's temporary name (before its rename), then its folder
+        assert any(Path(p).parent == path.parent and Path(p).name.startswith((f".{path.name}.", f"{path.name}."))
+                   for p in synced), path
+        assert str(path.parent) in synced, path.parent
+
+
+def test_file_names_that_are_not_utf8_are_a_clear_error(tmp_path):
+    from fillup_data.shards.manifest import write_index
+    from fillup_data.shards.writer import ShardWriter, real_metadata
+    from fillup_data.state import write_json_atomic
+
+    os.makedirs(os.fsencode(tmp_path / "src"))
+    with open(os.fsencode(tmp_path / "src") + b"/caf\xe9.jpg", "wb") as f:  # Latin-1, as old cameras/zips write
+        f.write(b"x")
+    name = os.listdir(tmp_path / "src")[0]  # 'caf\udce9.jpg': Python keeps the byte as a surrogate
+    writer = ShardWriter(tmp_path / "s.tar", "jpg")
+    with pytest.raises(FillupError, match=r"sample train-real-00000-000000: metadata 'source_path' .*caf\\xe9.*not valid UTF-8"):
+        writer.write("train-real-00000-000000", 0, b"jpg", real_metadata(0, "cat", f"src/{name}"))
+    writer.abort()
+    with pytest.raises(FillupError, match=r"r\.json: cannot write .caf\\xe9\.jpg.: it is not valid UTF-8"):
+        write_json_atomic(tmp_path / "r.json", {"skipped": [{"source_path": name}]})
+    row = {"key": "k-0", "shard": "s", "split": "train", "offset": 0, "size": 1, "image_offset": 0, "image_size": 1,
+           **real_metadata(0, "cat", name)}
+    with pytest.raises(FillupError, match=r"sample k-0: source_path .caf\\xe9\.jpg. is not valid UTF-8"):
+        write_index(tmp_path / "index.parquet", [row])
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_status_counts_what_a_relaunch_would_skip(tmp_path, monkeypatch, capsys):
+    import fillup_data.build as build
+
+    recipe = parse_recipe(split_file_recipe(write_split_file_dataset(tmp_path / "data", [12, 6, 3])["train"].parent))
+    out = tmp_path / "out"
+    real_write, calls = build.write_real_shard, []
+
+    def killed_on_third_shard(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_write(*a, **kw)
+
+    monkeypatch.setattr(build, "write_real_shard", killed_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_build(recipe, out, **QUIET)
+    assert main(["status", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}: in progress; shards 2/4 done\n"
+    done = sorted((out / "data").glob("*.tar"))
+    done[0].write_bytes(done[0].read_bytes()[:512])  # a shard damaged since: a relaunch rewrites it
+    (out / ".fillup" / "shards" / "train-real-00002.json").write_text("")  # an empty record: not done
+    assert main(["status", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}: in progress; shards 1/4 done\n"
+    monkeypatch.setattr(build, "write_real_shard", real_write)
+    summary = run_build(recipe, out, **QUIET)
+    assert (summary.shards_written, summary.shards_reused) == (3, 1)
+    assert main(["status", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}: finished; shards 4/4 done\n"

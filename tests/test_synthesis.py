@@ -91,7 +91,27 @@ def test_regenerate_three_samples_from_metadata_alone(ti_build):
         assert image.size == Image.open(io.BytesIO(stored)).size
 
 
-def test_killed_twice_resumes_to_identical_bytes(ti_build, tmp_path, monkeypatch):
+def records_of(out):
+    """The completion records a relaunch would trust (readable, tar of the recorded size)."""
+    from fillup_data.build import read_progress
+
+    plan = json.loads((out / ".fillup" / "plan.json").read_text())
+    done = {p for p in plan["shards"] if (out / ".fillup" / "shards" / f"{Path(p).stem}.json").is_file()}
+    assert len(done) == read_progress(out).shards_done  # nothing half-recorded
+    return done
+
+
+def assert_same_bytes(a, b):
+    ma, mb = manifest_of(a), manifest_of(b)
+    assert [(s["path"], s["sha256"]) for s in ma["shards"]] == [(s["path"], s["sha256"]) for s in mb["shards"]]
+    assert [(t["path"], t["sha256"]) for t in ma["tokens"]] == [(t["path"], t["sha256"]) for t in mb["tokens"]]
+    assert (a / "index.parquet").read_bytes() == (b / "index.parquet").read_bytes()
+
+
+def test_killed_twice_resumes_to_identical_bytes(ti_build, tmp_path, monkeypatch, capsys):
+    from fillup_data.cli import main
+    from fillup_data.shards.writer import ShardWriter
+
     out = tmp_path / "out"
     real_invert = inversion.invert_classes
 
@@ -105,29 +125,105 @@ def test_killed_twice_resumes_to_identical_bytes(ti_build, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run_build(mini(), out, **QUIET)
     assert (out / "tokens" / "00003.partial.safetensors").is_file()
+    assert main(["status", str(out)]) == 0  # 7 real shards done; 9 classes invert in one pass, none finished
+    assert capsys.readouterr().out == f"{out}: in progress; shards 7/10 done; tokens 0/9 done\n"
     monkeypatch.setattr(inversion, "invert_classes", real_invert)
 
-    real_write = synthesis.write_synthetic_shard
-    calls = []
+    partial = []
 
-    def crash_on_second_shard(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed mid-generation")
-        return real_write(*a, **kw)
+    class KilledMidShard(ShardWriter):
+        """Killed while streaming the second synthetic shard, after 5 of its samples were written."""
 
-    monkeypatch.setattr(synthesis, "write_synthetic_shard", crash_on_second_shard)
+        def write(self, key, *a, **kw):
+            super().write(key, *a, **kw)
+            if self.path.name == "train-synthetic-00001.tar" and len(self.records) == 5:
+                partial.append(self.tmp.stat().st_size)
+                raise KeyboardInterrupt("killed mid-shard")
+
+    monkeypatch.setattr(synthesis, "ShardWriter", KilledMidShard)
     with pytest.raises(KeyboardInterrupt):
         run_build(mini(), out, **QUIET)
-    assert not list((out / "data").glob("*.tmp"))
-    monkeypatch.setattr(synthesis, "write_synthetic_shard", real_write)
+    assert partial and partial[0] > 5 * 3 * 512  # a real partial temp file: 5 samples of 3 members
+    assert not list((out / "data").glob("*.tmp"))  # the writer removed it on the way out
+    done = records_of(out)
+    assert len(done) == 8 and "data/train-synthetic-00000.tar" in done  # 7 real + the first synthetic
+    assert main(["status", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}: in progress; shards 8/10 done; tokens 9/9 done\n"
+    monkeypatch.setattr(synthesis, "ShardWriter", ShardWriter)
     summary = run_build(mini(), out, **QUIET)
-    assert summary.shards_reused >= 1
-
-    a, b = manifest_of(ti_build), manifest_of(out)
-    assert [(s["path"], s["sha256"]) for s in a["shards"]] == [(s["path"], s["sha256"]) for s in b["shards"]]
-    assert [(t["path"], t["sha256"]) for t in a["tokens"]] == [(t["path"], t["sha256"]) for t in b["tokens"]]
+    assert (summary.shards_reused, summary.shards_written, summary.tokens_trained) == (8, 2, 0)
+    assert_same_bytes(ti_build, out)
     assert not list((out / "tokens").glob("*.partial.*"))
+
+
+def test_status_after_some_classes_are_inverted(tmp_path, monkeypatch, capsys):
+    from fillup_data.cli import main
+
+    real_invert = inversion.invert_classes
+
+    def crash_in_class_3(pipe, jobs, **kw):
+        def cb(class_index, step, loss):
+            if class_index == 3 and step == 7:  # after its checkpoint at step 5: a partial token file
+                raise KeyboardInterrupt("killed in class 3")
+        return real_invert(pipe, jobs, **{**kw, "step_callback": cb})
+
+    monkeypatch.setattr(inversion, "invert_classes", crash_in_class_3)
+    out = tmp_path / "out"
+    # one class per pass: classes 1 and 2 finish before class 3 is killed (class 0 needs no token)
+    recipe = mini("inversion.classes_per_pass=1", "inversion.min_steps=10", "inversion.max_steps=10")
+    with pytest.raises(KeyboardInterrupt):
+        run_build(recipe, out, **QUIET)
+    assert sorted(p.name for p in (out / "tokens").glob("*.safetensors")) == [
+        "00001.safetensors", "00002.safetensors", "00003.partial.safetensors"]
+    assert main(["status", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}: in progress; shards 7/10 done; tokens 2/9 done\n"
+
+
+def test_sigkill_mid_shard_then_relaunch_gives_identical_bytes(ti_build, tmp_path):
+    """A real SIGKILL of a real CLI build while it streams a synthetic shard, then a relaunch."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    out = tmp_path / "out"
+    shutil.copytree(ti_build, out)  # tokens learned: the relaunched build goes straight to generation
+    for p in [*(out / "data").glob("train-synthetic-*"), *(out / ".fillup" / "shards").glob("train-synthetic-*"),
+              out / "manifest.json"]:
+        p.unlink()
+    args = [sys.executable, "-m", "fillup_data.cli", "build", str(DEMO), "--out", str(out), "--quiet", "--workers", "1"]
+    for o in MINI:
+        args += ["--set", o]
+    # the same thread count as this process: float sums, hence pixels, depend on it
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    data, records = out / "data", out / ".fillup" / "shards"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            # at least one synthetic shard recorded and the next one half written
+            if list(records.glob("train-synthetic-*.json")) and list(data.glob("train-synthetic-*.tar.*.tmp")):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert list(data.glob("train-synthetic-*.tar.*.tmp"))  # SIGKILL: nothing cleaned up behind it
+    done = records_of(out)
+    synthetic_done = {p for p in done if "synthetic" in p}
+    assert 1 <= len(synthetic_done) <= 2
+    summary = run_build(mini(), out, **QUIET)
+    assert summary.shards_reused == len(done) and summary.shards_written == 10 - len(done)
+    assert not list(data.glob("*.tmp"))  # the relaunch removed the dead build's partial shard
+    assert_same_bytes(ti_build, out)
 
 
 def test_single_template_strategy(tmp_path):
@@ -141,26 +237,74 @@ def test_single_template_strategy(tmp_path):
     assert not (out / "tokens").exists()
 
 
-def test_cli_preview_regenerate_export(ti_build, tmp_path, capsys):
+def stored_image(build, key):
+    """The image a build stored for ``key``, read through index.parquet's byte offsets."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    row = pq.read_table(build / "index.parquet", filters=[("key", "=", key)]).to_pylist()[0]
+    with open(build / row["shard"], "rb") as f:
+        f.seek(row["image_offset"])
+        return Image.open(io.BytesIO(f.read(row["image_size"]))).convert("RGB"), row
+
+
+def test_cli_preview_draws_the_chosen_classes(ti_build, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fillup_data.cli import main
+    from fillup_data.generation import SampleSpec, SyntheticGenerator
+    from fillup_data.generation.preview import _thumb, grid_size, tile_box
+    from fillup_data.models import load_pipeline_for
+    from fillup_data.plan import sample_seed
+
+    grid = tmp_path / "grid.png"
+    args = ["preview", str(DEMO), "--classes", "purple square,1", "--n", "3", "--out", str(grid)]
+    for o in MINI:
+        args += ["--set", o]
+    assert main(args) == 0
+    tokens = tmp_path / "grid-tokens" / "tokens"
+    assert sorted(p.name for p in tokens.glob("*.safetensors")) == ["00001.safetensors", "00009.safetensors"]
+    assert main(["preview", str(DEMO), "--classes", "nonsense", "--n", "1", "--out", str(grid)]) == 2
+
+    recipe, manifest = mini(), manifest_of(ti_build)
+    pipe = load_pipeline_for(recipe.generator)
+    names = [c["name"] for c in manifest["classes"]]
+    generator = SyntheticGenerator(pipe, recipe.generator, names, {c: tokens / f"{c:05d}.safetensors" for c in (1, 9)})
+    image = Image.open(grid).convert("RGB")
+    assert image.size == grid_size(2, 3, 3)  # two rows of 3 real + 3 synthetic tiles, nothing more
+    tiles = {}
+    for row, c in enumerate([1, 9]):  # rows in class order
+        steps = manifest["classes"][c]["token_steps"]
+        for k in range(3):
+            # real: the class's k-th image, as the build stored it (PNG: the very pixels)
+            real, meta = stored_image(ti_build, f"train-real-{c:05d}-{k:06d}")
+            assert meta["class_name"] == names[c]
+            # synthetic: the class's k-th sample seed and checkpoint, with the preview's tokens
+            (made,) = generator.generate([SampleSpec(c, sample_seed(recipe.seed, c, k), steps[k % len(steps)])])
+            for synthetic, expected in ((False, real), (True, made.image)):
+                tile = np.asarray(image.crop(tile_box(row, k, synthetic, 3)))
+                assert np.array_equal(tile, np.asarray(_thumb(expected, 96))), (c, k, synthetic)
+                tiles[c, k, synthetic] = tile.tobytes()
+    assert len(set(tiles.values())) == len(tiles) == 12  # twelve different images, none drawn twice
+
+
+def test_cli_regenerate_and_export_token(ti_build, tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
     from PIL import Image
     from safetensors.torch import load_file
 
     from fillup_data.cli import main
     from fillup_data.inversion import read_token_file
 
-    grid = tmp_path / "grid.png"
-    args = ["preview", str(DEMO), "--classes", "1,purple square", "--n", "3", "--out", str(grid)]
-    for o in MINI:
-        args += ["--set", o]
-    assert main(args) == 0
-    assert Image.open(grid).size[0] > 6 * 32 and (tmp_path / "grid-tokens" / "tokens" / "00009.safetensors").is_file()
-    assert main(["preview", str(DEMO), "--classes", "nonsense", "--n", "1", "--out", str(grid)]) == 2
-
-    import pyarrow.parquet as pq
-
-    key = next(r["key"] for r in pq.read_table(ti_build / "index.parquet").to_pylist() if r["is_synthetic"])
-    assert main(["regenerate", str(ti_build), "--key", key, "--image", str(tmp_path / "r.png")]) == 0
-    assert Image.open(tmp_path / "r.png").size == (32, 32)
+    rows = [r for r in pq.read_table(ti_build / "index.parquet").to_pylist() if r["is_synthetic"]]
+    for row in (rows[0], rows[-1]):
+        out = tmp_path / f"{row['key']}.png"
+        assert main(["regenerate", str(ti_build), "--key", row["key"], "--image", str(out)]) == 0
+        stored, _ = stored_image(ti_build, row["key"])  # the demo stores PNG: lossless, so pixel for pixel
+        assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(stored))
+    assert main(["regenerate", str(ti_build), "--key", "no-such-key", "--image", str(tmp_path / "x.png")]) == 2
 
     token = read_token_file(ti_build / "tokens" / "00009.safetensors")
     assert main(["export-token", str(ti_build / "tokens" / "00009.safetensors"), "--out", str(tmp_path / "t.safetensors")]) == 0

@@ -13,6 +13,7 @@ _LABEL_W = 190
 _GAP = 12
 _BG = (255, 255, 255)
 _EMPTY = (230, 230, 230)
+_HEADER = 24
 
 
 def _thumb(image: Image.Image, size: int) -> Image.Image:
@@ -22,6 +23,17 @@ def _thumb(image: Image.Image, size: int) -> Image.Image:
     image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
     # small images (32 px worlds, CIFAR) are blown up with visible pixels rather than blurred
     return image.resize((size, size), Image.NEAREST if s * 2 <= size else Image.BICUBIC)
+
+
+def grid_size(n_classes: int, n_real: int, n_syn: int, thumb: int = 96) -> tuple[int, int]:
+    return _LABEL_W + (n_real + n_syn) * (thumb + 2) + _GAP, _HEADER + n_classes * (thumb + 4)
+
+
+def tile_box(row: int, column: int, synthetic: bool, n_real: int, thumb: int = 96) -> tuple[int, int, int, int]:
+    """Pixel box (left, top, right, bottom) of the ``column``-th real or synthetic image of a row."""
+    x0 = _LABEL_W + n_real * (thumb + 2) + _GAP if synthetic else _LABEL_W
+    x, y = x0 + column * (thumb + 2), _HEADER + row * (thumb + 4)
+    return x, y, x + thumb, y + thumb
 
 
 def preview_grid(
@@ -40,27 +52,23 @@ def preview_grid(
         raise ValueError("preview_grid: no classes to draw")
     n_real = max((len(real.get(c, [])) for c in classes), default=0)
     n_syn = max((len(synthetic.get(c, [])) for c in classes), default=0)
-    header = 24
-    width = _LABEL_W + (n_real + n_syn) * (thumb + 2) + _GAP
-    height = header + len(classes) * (thumb + 4)
-    canvas = Image.new("RGB", (width, height), _BG)
+    canvas = Image.new("RGB", grid_size(len(classes), n_real, n_syn, thumb), _BG)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    x_syn = _LABEL_W + n_real * (thumb + 2) + _GAP
     if n_real:
         draw.text((_LABEL_W, 6), "real", fill=(0, 0, 0), font=font)
-    draw.text((x_syn, 6), "synthetic", fill=(0, 0, 0), font=font)
+    draw.text((tile_box(0, 0, True, n_real, thumb)[0], 6), "synthetic", fill=(0, 0, 0), font=font)
     for row, c in enumerate(classes):
-        y = header + row * (thumb + 4)
+        y = tile_box(row, 0, False, n_real, thumb)[1]
         name = class_names[c] if 0 <= c < len(class_names) else str(c)
         draw.text((6, y + thumb // 2 - 6), f"{c}: {name}"[:30], fill=(0, 0, 0), font=font)
-        for x0, n, imgs in ((_LABEL_W, n_real, real.get(c, [])), (x_syn, n_syn, synthetic.get(c, []))):
+        for is_syn, n, imgs in ((False, n_real, real.get(c, [])), (True, n_syn, synthetic.get(c, []))):
             for k in range(n):
-                x = x0 + k * (thumb + 2)
+                box = tile_box(row, k, is_syn, n_real, thumb)
                 if k < len(imgs):
-                    canvas.paste(_thumb(imgs[k], thumb), (x, y))
+                    canvas.paste(_thumb(imgs[k], thumb), box[:2])
                 else:
-                    draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=_EMPTY)
+                    draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=_EMPTY)
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     atomic_write_bytes(Path(path), buf.getvalue())

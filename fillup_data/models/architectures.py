@@ -8,6 +8,7 @@ Stable Diffusion checkpoint takes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,11 @@ from fillup_data.errors import FillupError
 
 CONFIG_SETS = ("tiny", "sd15")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "init")
+# Bump when the code that builds a random pipeline changes in a way the shipped configs do not show
+# (initialisation, tokenizer construction): cached built-in models made by older code are rebuilt.
+BUILDER_VERSION = 2
+# Written last into a built-in model folder: who built it and the sha256 of every file it holds.
+BUILTIN_RECORD = "fillup_builtin.json"
 
 
 def load_component_config(config_set: str, component: str) -> dict[str, Any]:
@@ -144,24 +150,72 @@ def build_random_pipeline(config_set: str = "sd15", path: str | os.PathLike | No
     return pipe
 
 
+def builder_identity(config_set: str) -> str:
+    """sha256 of the builder version and every shipped config of ``config_set``: changes exactly
+    when a rebuild would give other files."""
+    h = hashlib.sha256(f"builder {BUILDER_VERSION}\n".encode())
+    for component in COMPONENTS:
+        res = resources.files("fillup_data.models").joinpath("configs", f"{config_set}_{component}.json")
+        if res.is_file():
+            h.update(f"{component}\n".encode() + res.read_bytes())
+    return h.hexdigest()
+
+
+def _file_digests(root: Path) -> dict[str, str]:
+    from fillup_data.shards.writer import sha256_file
+
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != BUILTIN_RECORD}
+
+
+def builtin_folder_is_intact(dest: Path, config_set: str, seed: int) -> bool:
+    """True when ``dest`` was built by this builder from these configs and seed, and every file it
+    recorded still has its recorded sha256 (a truncated or corrupted weight file fails)."""
+    from fillup_data.shards.writer import sha256_file
+    from fillup_data.state import read_json_record
+
+    record = read_json_record(Path(dest) / BUILTIN_RECORD)
+    if record is None or not isinstance(record.get("files"), dict) or not record["files"]:
+        return False
+    if (record.get("config_set"), record.get("seed"), record.get("builder")) != (config_set, seed,
+                                                                                builder_identity(config_set)):
+        return False
+    for rel, digest in record["files"].items():
+        path = Path(dest) / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            return False
+    return True
+
+
 def save_random_pipeline_atomically(config_set: str, dest: Path, seed: int) -> Path:
     """Build into a temporary sibling folder and rename it into place, so a crash or a concurrent
-    builder never leaves a half-written model where ``from_pretrained`` would find it."""
+    builder never leaves a half-written model where ``from_pretrained`` would find it.  A folder
+    already at ``dest`` (stale or damaged) is moved aside first and deleted."""
+    from fillup_data import __version__
+    from fillup_data.state import write_json_atomic
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    aside = dest.with_name(f".{dest.name}.stale-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         build_random_pipeline(config_set, tmp, seed)
-        (tmp / "fillup_builtin.json").write_text(
-            json.dumps({"config_set": config_set, "seed": seed}, sort_keys=True) + "\n"
-        )
+        write_json_atomic(tmp / BUILTIN_RECORD, {
+            "config_set": config_set, "seed": seed, "builder": builder_identity(config_set),
+            "builder_version": BUILDER_VERSION, "package_version": __version__, "files": _file_digests(tmp)})
+        if dest.exists():
+            try:
+                os.rename(dest, aside)
+            except FileNotFoundError:  # another process moved it first
+                pass
         try:
             os.rename(tmp, dest)
         except OSError:
             # another process finished first: its copy is byte-identical, keep it
-            if not (dest / "fillup_builtin.json").is_file():
+            if not builtin_folder_is_intact(dest, config_set, seed):
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, aside):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return dest

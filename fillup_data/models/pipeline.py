@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from fillup_data.errors import FillupError
-from fillup_data.models.architectures import save_random_pipeline_atomically
+from fillup_data.models.architectures import builtin_folder_is_intact, save_random_pipeline_atomically
 
-# alias -> (config set, seed, cache folder name). Bump the folder name when the architecture or
-# the tokenizer construction changes, so old caches are not reused.
+# alias -> (config set, seed, cache folder name).  A cached folder is reused only while its content
+# check passes (architectures.builtin_folder_is_intact: same builder and configs, every file's sha256).
 BUILTIN_MODELS = {
     "builtin:tiny-sd": ("tiny", 0, "tiny-sd-v1"),
     "builtin:sd15-random": ("sd15", 0, "sd15-random-v1"),
@@ -33,7 +33,8 @@ def cache_dir() -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """Map ``builtin:*`` aliases to a local folder (building it once); pass anything else through."""
+    """Map ``builtin:*`` aliases to a local folder (building it once, rebuilding it when its content
+    check fails); pass anything else through."""
     if not model.startswith("builtin:"):
         return model
     if model == "builtin:toyworld":  # trained weights shipped inside the package (issue 6)
@@ -47,7 +48,7 @@ def resolve_model(model: str) -> str:
         )
     config_set, seed, folder = BUILTIN_MODELS[model]
     dest = cache_dir() / folder
-    if not (dest / "model_index.json").is_file() or not (dest / "fillup_builtin.json").is_file():
+    if not builtin_folder_is_intact(dest, config_set, seed):
         save_random_pipeline_atomically(config_set, dest, seed)
     return str(dest)
 

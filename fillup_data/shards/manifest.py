@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fillup_data.shards.writer import METADATA_KEYS
+from fillup_data.errors import FillupError
+from fillup_data.shards.writer import METADATA_KEYS, encodes_as_utf8, show_undecodable
+from fillup_data.state import read_json_record, replace_durably, unique_temp_path
+from fillup_data.state import write_json_atomic  # noqa: F401  (its home before fillup_data.state)
 
 MANIFEST_KEYS = ("name", "version", "fingerprint", "recipe", "classes", "shards")
 
@@ -38,18 +39,24 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_index(path: Path, rows: list[dict]) -> None:
     cols = {f.name: [r.get(f.name, 0 if f.name == "retries" else None) for r in rows] for f in INDEX_SCHEMA}
-    table = pa.table(cols, schema=INDEX_SCHEMA)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    try:
+        table = pa.table(cols, schema=INDEX_SCHEMA)
+    except UnicodeEncodeError:
+        key, name, value = next((r["key"], k, v) for r in rows for k, v in r.items()
+                                if isinstance(v, str) and not encodes_as_utf8(v))
+        shown = show_undecodable(value)
+        raise FillupError(
+            f"{path}: sample {key}: {name} '{shown}' is not valid UTF-8 (a file name in another encoding?): "
+            "rename the file to UTF-8 (e.g. with convmv) and rerun"
+        ) from None
+    tmp = unique_temp_path(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def index_row(record, shard_path: str, split: str, metadata: dict, retries: int = 0) -> dict:
@@ -70,7 +77,8 @@ def index_row(record, shard_path: str, split: str, metadata: dict, retries: int 
 def read_manifest(out: Path) -> dict:
     path = Path(out) / "manifest.json"
     if not path.is_file():
-        from fillup_data.errors import FillupError
-
         raise FillupError(f"{path}: no manifest (is {out} a finished fillup-data build?)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    manifest = read_json_record(path)
+    if manifest is None:
+        raise FillupError(f"{path}: unreadable (empty or not JSON); relaunch the build with the same --out to rewrite it")
+    return manifest

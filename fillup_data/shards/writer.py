@@ -1,8 +1,9 @@
 """Reproducible WebDataset tar shards.
 
 Same samples in, same bytes out: fixed mtime/owner/mode, members sorted within a sample, USTAR
-headers, images re-encoded with fixed settings.  A shard is written under ``NAME.tar.tmp`` and renamed
-only when complete, so a killed build never leaves a half shard under the real name.  The writer
+headers, images re-encoded with fixed settings.  A shard is written under ``NAME.tar.PID-RANDOM.tmp``
+(unique: two writers never share a temporary file), fsynced and renamed only when complete, so a
+killed build never leaves a half shard under the real name.  The writer
 records each member's byte offset and size so ``index.parquet`` can point straight at any sample.
 """
 
@@ -18,7 +19,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from fillup_data.errors import FillupError
 from fillup_data.recipe import ShardsConfig
+from fillup_data.state import fsync_dir, unique_temp_path
 
 # 2020-01-01T00:00:00Z: a fixed, plausible timestamp (webdataset's TarWriter would stamp "now").
 FIXED_MTIME = 1577836800
@@ -127,9 +130,9 @@ class ShardWriter:
     def __init__(self, path: Path, image_ext: str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp = unique_temp_path(self.path)
         self.image_ext = image_ext
-        self._fh = open(self.tmp, "wb")
+        self._fh = open(self.tmp, "xb")
         self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
         self.records: list[MemberRecord] = []
         self._keys: set[str] = set()
@@ -151,11 +154,11 @@ class ShardWriter:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/' (webdataset splits keys at the first dot)")
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r} in {self.path.name}")
+        meta = _metadata_bytes(key, check_metadata(metadata))
         self._keys.add(key)
-        meta = json.dumps(check_metadata(metadata), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         # members sorted by name: KEY.cls < KEY.jpg < KEY.json (png/webp also sort before json)
         members = sorted([(f"{key}.cls", str(int(label)).encode()), (f"{key}.{self.image_ext}", image),
-                          (f"{key}.json", meta.encode("utf-8"))])
+                          (f"{key}.json", meta)])
         first = None
         img_off = 0
         for name, data in members:
@@ -171,6 +174,7 @@ class ShardWriter:
         os.fsync(self._fh.fileno())
         self._fh.close()
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
         return self.path.stat().st_size, sha256_file(self.path)
 
     def abort(self) -> None:
@@ -179,6 +183,50 @@ class ShardWriter:
             self._fh.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def _metadata_bytes(key: str, meta: dict) -> bytes:
+    """The sample's ``.json`` member.  A string that is not valid Unicode (a file name with bytes in
+    another encoding, as ``os.listdir`` returns it) is a FillupError naming the sample and field."""
+    text = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        field = next(k for k, v in meta.items() if isinstance(v, str) and not encodes_as_utf8(v))
+        shown = show_undecodable(meta[field])
+        raise FillupError(
+            f"sample {key}: metadata {field!r} = '{shown}' is not valid UTF-8 (a file name in another "
+            "encoding?): rename the file to UTF-8 (e.g. with convmv) and rerun"
+        ) from None
+
+
+def encodes_as_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: undecodable bytes kept by surrogateescape
+        return False
+    return True
+
+
+def show_undecodable(text: str) -> str:
+    """``text`` with the bytes that were not UTF-8 written as ``\\xNN``, as the file system holds them."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that did not come from bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Delete the temporary shard files a killed build left in ``folder``; only safe while this
+    process holds the build lock (no other writer can be using them).  Returns their names."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".tmp") and ".tar." in p.name)
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return [p.name for p in stale]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
