@@ -296,7 +296,7 @@ def _wait_for_lock(out, pid, deadline_s=60.0):
     while time.monotonic() < end:
         if lock.is_file() and f'"pid": {pid},' in lock.read_text():
             return
-        time.sleep(0.05)
+        time.sleep(0.002)
     raise AssertionError(f"pid {pid} never took {lock}")
 
 
@@ -304,19 +304,20 @@ def test_second_build_is_refused_while_one_runs_and_a_sigkill_frees_the_folder(t
     import signal
     import socket
 
-    recipe = mini_lt(tmp_path)
+    # a real CLI build with synthetic images to make (seconds of work after it takes the lock), frozen
+    # with SIGSTOP as soon as it holds the folder: a build hung on a slow filesystem, deterministically
+    recipe = mini_lt(tmp_path, generator={"strategy": "single_template", "model": "builtin:tiny-sd",
+                                          "prompt": "a photo of a {class_name}", "guidance_scale": 1.0,
+                                          "num_inference_steps": 2, "resolution": 32})
     out = tmp_path / "out"
-    # a real CLI build that stops in the index stage: one listed image is a FIFO nobody writes to,
-    # so reading it blocks (as a hung network filesystem would)
-    img = tmp_path / "data" / "train" / "n00000000" / "img_0.jpg"
-    img.rename(img.with_suffix(".keep"))
-    os.mkfifo(img)
     first = subprocess.Popen([sys.executable, "-m", "fillup_data.cli", "build", str(recipe), "--out", str(out),
                               "--quiet", "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for_lock(out, first.pid)
+        first.send_signal(signal.SIGSTOP)
+        assert not (out / "manifest.json").exists()  # frozen mid-build, holding the lock
         second = subprocess.run([sys.executable, "-m", "fillup_data.cli", "build", str(recipe), "--out", str(out),
-                                 "--quiet"], capture_output=True, text=True, timeout=120)  # without a lock: blocks too
+                                 "--quiet"], capture_output=True, text=True, timeout=120)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"another build (pid {first.pid} on host {socket.gethostname()}" in second.stderr
         assert first.poll() is None  # the first build was not disturbed
@@ -326,8 +327,6 @@ def test_second_build_is_refused_while_one_runs_and_a_sigkill_frees_the_folder(t
         if first.poll() is None:
             first.kill()
             first.wait()
-    img.unlink()
-    img.with_suffix(".keep").rename(img)
     again = run_cli("build", recipe, "--out", out, "--quiet")  # the kernel dropped the dead build's lock
     assert again.returncode == 0, again.stderr
 
