@@ -273,3 +273,115 @@ def test_status_lists_a_running_task_from_its_live_claim(tmp_path):
     status = read_status(tmp_path / "state", PHASES, lambda task_id: task_id.startswith("real/"))
     assert (status[0].done, status[0].total) == (3, 5)
     assert [(c["task"], c["owner"]["rank"]) for c in status[0].running] == [("invert/g0000", 3)]
+
+
+# --- ray ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster for the module, on the loopback address only: 2 CPUs and 2 logical GPUs."""
+    # Ray replaces 127.0.0.1 by the machine's outward address unless multi-node support for
+    # "Windows or OSX" is off; read when ray is imported, and inherited by the raylet and its workers.
+    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_memory_monitor_refresh_ms",
+                                            "PYTHONPATH")}
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"  # a shared CI box near its memory limit: no OOM kills
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), saved["PYTHONPATH"] or ""])  # actors import the toys
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install fillup-data[ray])")
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    assert not ray_constants.ENABLE_RAY_CLUSTER, "ray was imported before this fixture: it would not stay on loopback"
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+        # a removed node is declared dead within ~1 s instead of ~30 s
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300,
+                           "health_check_failure_threshold": 3}})
+    try:
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def ray_executor(**options):
+    from fillup_data.executors import RayExecutor
+
+    return RayExecutor(worker_device="cpu", **options)  # the cluster's GPUs are logical
+
+
+def test_ray_gives_the_local_bytes_each_task_once(ray_cluster, tmp_path, reference):
+    executor = ray_executor()
+    assert executor._pools[True].capacity == 2 and executor._pools[True].options == {"num_gpus": 1.0, "num_cpus": 0}
+    report = execute(PHASES, ToyFactory.for_phases(tmp_path, PHASES), tmp_path / "state", executor)
+    assert report.ok and report.tasks_run == len(ALL_IDS) and not report.retries
+    assert outputs(tmp_path) == reference
+    assert run_counts(tmp_path) == {task_id: 1 for task_id in ALL_IDS}
+    model_pids = {json.loads((tmp_path / "started" / f"{t.id.replace('/', '+')}").read_text())["pid"]
+                  for t in PHASES[1]}
+    assert len(model_pids) <= 2  # long-lived actors: one runner each for all their tasks
+
+
+def test_ray_actor_sigkilled_mid_task_is_replaced_and_the_task_retried(ray_cluster, tmp_path, reference):
+    victim = "synthetic/train-synthetic-00002"
+    factory = ToyFactory.for_phases(tmp_path, PHASES, kill_once=(victim,))
+    report = execute(PHASES, factory, tmp_path / "state", ray_executor())
+    assert report.ok, report.format()
+    assert [task for task, _ in report.retries] == [victim]
+    assert "ActorDiedError" in report.retries[0][1]
+    assert outputs(tmp_path) == reference
+    assert run_counts(tmp_path)[victim] == 2
+
+
+def test_ray_application_error_is_recorded_with_its_traceback_and_not_retried(ray_cluster, tmp_path):
+    bad = "invert/g0000"
+    state = tmp_path / "state"
+    report = execute(PHASES, ToyFactory.for_phases(tmp_path, PHASES, fail=(bad,)), state, ray_executor())
+    assert report.stopped_after_phase == 0 and not report.retries
+    [(task, text)] = report.failures
+    assert task == bad and "Traceback" in text and "ValueError: toy failure in invert/g0000" in text
+    assert run_counts(tmp_path)[bad] == 1
+    assert "toy failure" in json.loads((state / "failed" / "invert+g0000.json").read_text())["error"]
+
+
+def test_ray_node_removed_mid_run_its_task_is_retried_elsewhere(ray_cluster, tmp_path, reference):
+    node = ray_cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
+    factory = ToyFactory.for_phases(tmp_path, PHASES, sleep_model_tasks=1.0)
+    executor = ray_executor()
+    assert executor._pools[True].capacity == 3  # the third model actor can only live on the new node
+
+    caught: list[str] = []
+
+    def remove_node_when_it_runs_a_model_task():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for started in (tmp_path / "started").glob("*"):
+                if not started.name.startswith(("invert+", "synthetic+")) or (tmp_path / "done" / started.name).exists():
+                    continue
+                try:
+                    on_node = json.loads(started.read_text())["node"] == node.node_id
+                except (json.JSONDecodeError, FileNotFoundError):
+                    continue
+                if on_node:  # the task sleeps 1 s: it is mid-task
+                    caught.append(started.name.replace("+", "/"))
+                    ray_cluster.remove_node(node, allow_graceful=False)
+                    return
+            time.sleep(0.02)
+
+    remover = threading.Thread(target=remove_node_when_it_runs_a_model_task)
+    remover.start()
+    try:
+        report = execute(PHASES, factory, tmp_path / "state", executor)
+    finally:
+        remover.join()
+    assert caught, "the test never saw a model task on the extra node"
+    assert report.ok, report.format()
+    assert caught[0] in [task for task, _ in report.retries]
+    assert outputs(tmp_path) == reference

@@ -34,10 +34,11 @@ def _import_ray():
 
 
 def _lost_worker_errors(ray) -> tuple[type[BaseException], ...]:
-    """Errors that mean the worker (actor process, raylet or node) went away, not that the task failed.
-    ActorDiedError and ActorUnavailableError are RayActorErrors."""
+    """Errors that mean the worker (actor process, raylet or node) went away, or Ray's memory monitor
+    killed it, not that the task failed. ActorDiedError and ActorUnavailableError are RayActorErrors."""
     e = ray.exceptions
-    return (e.RayActorError, e.WorkerCrashedError, e.NodeDiedError, e.ObjectLostError, e.LocalRayletDiedError)
+    return (e.RayActorError, e.WorkerCrashedError, e.NodeDiedError, e.ObjectLostError, e.LocalRayletDiedError,
+            e.OutOfMemoryError)
 
 
 class TaskActor:
@@ -110,18 +111,22 @@ class RayExecutor(Executor):
         resources = ray.cluster_resources()
         gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
         cpu_actors = max(1, int(cpus // cpus_per_worker))
+        plain = _ActorPool("plain", cpu_actors, {"num_cpus": cpus_per_worker}, 0, cpus_per_worker)
         if gpus:
             if gpus_per_worker > gpus:
                 raise FillupError(f"--gpus-per-worker {gpus_per_worker} is more than the cluster's {gpus:g} GPUs")
+            # num_cpus=0: a GPU actor holds no CPU slot, so it never keeps a CPU actor from starting
             model = _ActorPool("model", num_workers or math.floor(gpus / gpus_per_worker),
-                               {"num_gpus": gpus_per_worker}, gpus_per_worker, 0)
+                               {"num_gpus": gpus_per_worker, "num_cpus": 0}, gpus_per_worker, 0)
+            if model.capacity < 1:
+                raise FillupError(f"num_workers={num_workers}: need at least one worker")
         else:
-            model = _ActorPool("model", num_workers or cpu_actors, {"num_cpus": cpus_per_worker}, 0, cpus_per_worker)
-            self._note(f"the Ray cluster has no GPUs: model tasks run on {model.capacity} CPU actors "
+            # One pool for both kinds: two CPU pools could each hold the CPUs the other waits for.
+            model = plain
+            if num_workers:
+                plain.capacity = num_workers
+            self._note(f"the Ray cluster has no GPUs: model tasks run on up to {plain.capacity} CPU actors "
                        f"of {cpus_per_worker:g} CPUs each")
-        if model.capacity < 1:
-            raise FillupError(f"num_workers={num_workers}: need at least one worker")
-        plain = _ActorPool("plain", cpu_actors, {"num_cpus": cpus_per_worker}, 0, cpus_per_worker)
         self._pools = {True: model, False: plain}
 
     def notes(self) -> list[str]:
@@ -142,15 +147,15 @@ class RayExecutor(Executor):
             else:
                 queues[task.uses_model].append(task.id)
         attempts: Counter[str] = Counter()
-        running: dict[Any, tuple[_ActorPool, Any, str]] = {}  # run() ref -> (pool, actor, task id)
+        running: dict[Any, tuple[bool, Any, str]] = {}  # run() ref -> (uses_model, actor, task id)
         while queues[True] or queues[False] or running:
             for uses_model, queue in queues.items():
                 pool = self._pools[uses_model]
                 self._grow(pool, len(queue) - len(pool.idle) - len(pool.starting), factory, state_dir)
                 while queue and pool.idle:
                     actor, task_id = pool.idle.pop(), queue.popleft()
-                    running[actor.run.remote(task_id)] = (pool, actor, task_id)
-            starting = {ref: pool for pool in self._pools.values() for ref in pool.starting}
+                    running[actor.run.remote(task_id)] = (uses_model, actor, task_id)
+            starting = {ref: pool for pool in self._distinct_pools() for ref in pool.starting}
             if not running and not starting:  # no worker left that could take the queued tasks
                 for queue in queues.values():
                     result.failures += [(task_id, "no Ray actor could be started to run it") for task_id in queue]
@@ -161,7 +166,8 @@ class RayExecutor(Executor):
             if ref in starting:
                 self._started(starting[ref], ref, queues, result)
                 continue
-            pool, actor, task_id = running.pop(ref)
+            uses_model, actor, task_id = running.pop(ref)
+            pool = self._pools[uses_model]
             try:
                 outcome = ray.get(ref)
             except lost_worker as exc:
@@ -171,13 +177,17 @@ class RayExecutor(Executor):
                 if attempts[task_id] <= self.max_retries:
                     log.warning("%s lost its worker (%s): resubmitting", task_id, reason)
                     result.retries.append((task_id, reason))
-                    queues[pool is self._pools[True]].appendleft(task_id)
+                    queues[uses_model].appendleft(task_id)
                 else:
                     result.failures.append((task_id, f"lost its worker {attempts[task_id]} times; last: {exc}"))
                 continue
             except ray.exceptions.RayTaskError as exc:  # raised outside run_task: still the task's own error
                 pool.idle.append(actor)
                 result.failures.append((task_id, str(exc)))
+                continue
+            except ray.exceptions.RayError as exc:  # anything else Ray reports: recorded, the actor replaced
+                self._forget(pool, actor)
+                result.failures.append((task_id, f"{type(exc).__name__}: {exc}"))
                 continue
             pool.idle.append(actor)
             result.add(outcome)
@@ -202,10 +212,11 @@ class RayExecutor(Executor):
             pool.creation_failures += 1
             log.warning("a %s actor did not start: %s", pool.name, _first_line(exc))
             if pool.creation_failures > self.max_retries:  # a broken factory: fail its tasks, do not loop
-                queue = queues[pool is self._pools[True]]
                 error = f"{pool.creation_failures} {pool.name} actors in a row failed to start; last error:\n{exc}"
-                result.failures += [(task_id, error) for task_id in queue]
-                queue.clear()
+                for uses_model, queue in queues.items():
+                    if self._pools[uses_model] is pool:
+                        result.failures += [(task_id, error) for task_id in queue]
+                        queue.clear()
             return
         pool.creation_failures = 0
         pool.idle.append(actor)
@@ -220,8 +231,11 @@ class RayExecutor(Executor):
         except Exception:  # already gone with its node
             pass
 
+    def _distinct_pools(self) -> list[_ActorPool]:
+        return [self._pools[True]] + ([self._pools[False]] if self._pools[False] is not self._pools[True] else [])
+
     def close(self) -> None:
-        for pool in self._pools.values():
+        for pool in self._distinct_pools():
             for actor in pool.members:
                 try:
                     self.ray.kill(actor, no_restart=True)
