@@ -1,0 +1,387 @@
+"""Executors run toy tasks (tests/executor_toys.py): same bytes whatever runs them, each task once,
+lost workers retried, application errors recorded and not retried, re-runs resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fillup_data.errors import FillupError
+from fillup_data.executors import LocalExecutor, RankExecutor, TaskSpec, execute, rank_from_env, read_status
+from fillup_data.executors.claims import ClaimStore, live_claims
+from tests.executor_toys import ToyFactory, toy_phases
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = toy_phases()
+ALL_IDS = [t.id for phase in PHASES for t in phase]
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "data").glob("*.bin"))}
+
+
+def run_counts(out: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in (out / "runs.log").read_text().splitlines():
+        task_id = line.split()[0]
+        counts[task_id] = counts.get(task_id, 0) + 1
+    return counts
+
+
+def is_done_in(out: Path):
+    return lambda task_id: (out / "done" / task_id.replace("/", "+")).exists()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, bytes]:
+    """The toy build run in-process: what every executor must reproduce byte for byte."""
+    out = tmp_path_factory.mktemp("reference")
+    report = execute(PHASES, ToyFactory.for_phases(out, PHASES), out / "state", LocalExecutor(devices=["cpu"]))
+    assert report.ok and report.tasks_run == len(ALL_IDS)
+    assert len(outputs(out)) == len(ALL_IDS)
+    return outputs(out)
+
+
+# --- local -------------------------------------------------------------------------------------------
+
+def test_local_two_worker_processes_give_the_in_process_bytes(tmp_path, reference):
+    report = execute(PHASES, ToyFactory.for_phases(tmp_path, PHASES), tmp_path / "state",
+                     LocalExecutor(devices=["cpu", "cpu"]))
+    assert report.ok and report.tasks_run == len(ALL_IDS) and not report.retries
+    assert outputs(tmp_path) == reference
+    assert run_counts(tmp_path) == {task_id: 1 for task_id in ALL_IDS}
+    pids = {json.loads(p.read_text())["pid"] for p in (tmp_path / "started").iterdir()}
+    assert os.getpid() not in pids and len(pids) >= 1  # ran in worker processes, not here
+
+
+def test_local_rerun_skips_done_tasks(tmp_path):
+    factory = ToyFactory.for_phases(tmp_path, PHASES)
+    execute(PHASES, factory, tmp_path / "state", LocalExecutor(devices=["cpu"]))
+    again = execute(PHASES, factory, tmp_path / "state", LocalExecutor(devices=["cpu"]))
+    assert again.tasks_run == 0 and again.tasks_skipped == len(ALL_IDS)
+    driver_side = execute(PHASES, factory, tmp_path / "state", LocalExecutor(devices=["cpu"]), is_done=is_done_in(tmp_path))
+    assert driver_side.tasks_skipped == len(ALL_IDS)
+    assert run_counts(tmp_path) == {task_id: 1 for task_id in ALL_IDS}
+
+
+def test_local_sigkilled_worker_process_is_replaced_and_its_task_retried(tmp_path, reference):
+    victim = "synthetic/train-synthetic-00001"
+    factory = ToyFactory.for_phases(tmp_path, PHASES, kill_once=(victim,))
+    report = execute(PHASES, factory, tmp_path / "state", LocalExecutor(devices=["cpu", "cpu"]))
+    assert report.ok, report.format()
+    assert [task for task, _ in report.retries] == [victim]
+    assert "exit code -9" in report.retries[0][1]
+    assert outputs(tmp_path) == reference
+    assert run_counts(tmp_path)[victim] == 2
+
+
+def test_local_application_error_stops_after_its_phase_and_a_rerun_completes(tmp_path, reference):
+    bad = "invert/g0001"
+    state = tmp_path / "state"
+    report = execute(PHASES, ToyFactory.for_phases(tmp_path, PHASES, fail=(bad,)), state, LocalExecutor(devices=["cpu"]))
+    assert not report.ok and report.stopped_after_phase == 0
+    [(task, text)] = report.failures
+    assert task == bad and "Traceback" in text and "ValueError: toy failure in invert/g0001" in text
+    assert report.tasks_run == len(PHASES[0]) - 1  # the rest of the phase finished
+    assert not list((tmp_path / "data").glob("synthetic+*"))  # the next phase did not start
+    record = json.loads((state / "failed" / "invert+g0001.json").read_text())
+    assert record["task"] == bad and "toy failure" in record["error"] and "Traceback" in record["traceback"]
+    status = read_status(state, PHASES, is_done_in(tmp_path))
+    assert [(s.done, s.total) for s in status] == [(len(PHASES[0]) - 1, len(PHASES[0])), (0, 4), (0, 1)]
+    assert [f["task"] for f in status[0].failed] == [bad]
+
+    again = execute(PHASES, ToyFactory.for_phases(tmp_path, PHASES), state, LocalExecutor(devices=["cpu"]))
+    assert again.ok and again.tasks_run == 1 + len(PHASES[1]) + 1
+    assert not (state / "failed" / "invert+g0001.json").exists()
+    assert outputs(tmp_path) == reference
+    assert all(s.complete and not s.failed for s in read_status(state, PHASES, is_done_in(tmp_path)))
+
+
+def test_local_worker_whose_runner_cannot_be_created_fails_its_tasks_with_the_reason(tmp_path):
+    phases = [[TaskSpec("real/a"), TaskSpec("real/b")]]
+    report = execute(phases, BrokenFactory(), tmp_path / "state", LocalExecutor(devices=["cpu", "cpu"]))
+    assert sorted(task for task, _ in report.failures) == ["real/a", "real/b"]
+    assert all("could not create its runner" in text and "no model here" in text for _, text in report.failures)
+
+
+class BrokenFactory:
+    def __call__(self, worker):
+        raise OSError("no model here")
+
+
+def test_local_default_worker_count_follows_the_visible_gpus(monkeypatch):
+    import fillup_data.executors.local as local
+
+    monkeypatch.setattr(local, "visible_cuda_devices", lambda: 0)
+    assert LocalExecutor().devices == ["cpu"] and LocalExecutor().in_process
+    monkeypatch.setattr(local, "visible_cuda_devices", lambda: 2)
+    assert LocalExecutor().devices == ["cuda:0", "cuda:1"]
+    assert [i.device for i in LocalExecutor().infos] == ["cuda:0", "cuda:0"]  # each pinned: sees one GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert local._cuda_visible_devices_for("cuda:1") == "6"
+    assert local._cuda_visible_devices_for("cpu") == ""
+
+
+def test_task_ids_that_cannot_be_file_names_are_refused():
+    for bad in ["", "a b", "../x", "/abs", "a//b", "a+b"]:
+        with pytest.raises(ValueError, match="task id"):
+            TaskSpec(bad)
+    with pytest.raises(ValueError, match="twice"):
+        execute([[TaskSpec("a")], [TaskSpec("a")]], ToyFactory("x", ()), Path("/nonexistent-unused"), LocalExecutor())
+
+
+# --- ranks -------------------------------------------------------------------------------------------
+
+def test_rank_from_env_reads_slurm_arrays_then_torchrun():
+    slurm = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "3"}
+    assert rank_from_env(slurm) == (2, 3)
+    assert rank_from_env({**slurm, "SLURM_ARRAY_TASK_ID": "14", "SLURM_ARRAY_TASK_STEP": "2"}) == (2, 3)
+    assert rank_from_env({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "4"}) == (0, 4)
+    assert rank_from_env({**slurm, "RANK": "1", "WORLD_SIZE": "8"}) == (2, 3)  # the array wins
+    assert rank_from_env({"RANK": "1", "WORLD_SIZE": "8"}) == (1, 8)
+    assert rank_from_env({}) is None
+    with pytest.raises(FillupError, match="SLURM_ARRAY_TASK_ID=13 does not map"):
+        rank_from_env({**slurm, "SLURM_ARRAY_TASK_ID": "13"})
+    with pytest.raises(FillupError, match="RANK='x' is not an integer"):
+        rank_from_env({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(FillupError, match="RANK=8 is not below WORLD_SIZE=8"):
+        rank_from_env({"RANK": "8", "WORLD_SIZE": "8"})
+
+
+def test_a_stale_claim_is_taken_over_by_exactly_one_rank(tmp_path):
+    owner = ClaimStore(tmp_path, rank=0, lease_seconds=60)
+    held, stale = owner.try_claim("real/x")
+    assert held is not None and stale is None
+    assert ClaimStore(tmp_path, rank=1, lease_seconds=60).try_claim("real/x") == (None, None)  # live: keep off
+    claim = json.loads(owner.path("real/x").read_text())
+    owner.path("real/x").write_text(json.dumps({**claim, "expires": time.time() - 1}))  # its rank stopped renewing
+    takers = [ClaimStore(tmp_path, rank=r, lease_seconds=60) for r in (1, 2)]
+    results = [store.try_claim("real/x") for store in takers]
+    winners = [r for r in results if r[0] is not None]
+    assert len(winners) == 1 and winners[0][1]["owner"]["rank"] == 0
+    assert not owner.renew(held)  # the old owner learns it lost the claim
+    owner.release(held)  # and cannot remove the new owner's claim
+    assert set(live_claims(tmp_path)) == {"real/x"}
+
+
+def test_a_claim_file_cut_short_by_a_crash_expires_one_lease_after_its_mtime(tmp_path):
+    store = ClaimStore(tmp_path, rank=0, lease_seconds=60)
+    store.path("real/x").write_text("")
+    assert store.try_claim("real/x") == (None, None)
+    old = time.time() - 120
+    os.utime(store.path("real/x"), (old, old))
+    held, stale = store.try_claim("real/x")
+    assert held is not None and stale["owner"]["nonce"].startswith("unreadable-")
+
+
+def start_rank(out: Path, rank: int, world: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "tests.executor_toys", str(out), str(rank), str(world), *extra],
+                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> int:
+    _, err = process.communicate(timeout=60)
+    assert process.returncode in (0, -signal.SIGKILL), err
+    return process.returncode
+
+
+def rank_reports(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "reports").glob("*.json"))]
+
+
+def test_three_ranks_at_once_give_the_same_bytes_each_task_once(tmp_path, reference):
+    ranks = [start_rank(tmp_path, r, 3) for r in range(3)]
+    assert [finish(p) for p in ranks] == [0, 0, 0]
+    assert outputs(tmp_path) == reference
+    assert run_counts(tmp_path) == {task_id: 1 for task_id in ALL_IDS}
+    reports = rank_reports(tmp_path)
+    assert sum(r["tasks_run"] for r in reports) == len(ALL_IDS) and not any(r["failures"] for r in reports)
+    assert not list((tmp_path / "state" / "claims").glob("*.json"))  # finished tasks leave no claim
+
+
+def test_ranks_started_at_different_times_give_the_same_bytes(tmp_path, reference):
+    late_starters = []
+    first = start_rank(tmp_path, 2, 3, "--sleep", "0.3")
+    deadline = time.monotonic() + 30
+    while not list((tmp_path / "done").glob("*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    late_starters.append(start_rank(tmp_path, 0, 3, "--sleep", "0.3"))
+    time.sleep(0.5)
+    late_starters.append(start_rank(tmp_path, 1, 3, "--sleep", "0.3"))
+    assert [finish(p) for p in [first, *late_starters]] == [0, 0, 0]
+    assert outputs(tmp_path) == reference
+    assert run_counts(tmp_path) == {task_id: 1 for task_id in ALL_IDS}
+
+
+def test_a_rank_that_never_starts_does_not_block_the_others(tmp_path, reference):
+    # world size 2, rank 1 never runs: rank 0 takes its unclaimed share of every phase
+    assert finish(start_rank(tmp_path, 0, 2)) == 0
+    assert outputs(tmp_path) == reference
+    [report] = rank_reports(tmp_path)
+    assert report["tasks_run"] == len(ALL_IDS) and not report["retries"]
+
+
+def test_a_rank_killed_mid_task_is_taken_over_and_rerunning_it_finds_everything_done(tmp_path, reference):
+    victim = "synthetic/train-synthetic-00001"  # rank 1's share (index 1 of 3 ranks)
+    ranks = [start_rank(tmp_path, r, 3, "--lease", "2", "--kill-once", victim) for r in range(3)]
+    codes = [finish(p) for p in ranks]
+    assert codes.count(-signal.SIGKILL) == 1 and codes.count(0) == 2
+    assert outputs(tmp_path) == reference
+    takeovers = [retry for report in rank_reports(tmp_path) for retry in report["retries"]]
+    assert [task for task, _ in takeovers] == [victim] and "expired" in takeovers[0][1]
+    assert run_counts(tmp_path)[victim] == 2
+    killed_rank = codes.index(-signal.SIGKILL)
+    assert finish(start_rank(tmp_path, killed_rank, 3, "--lease", "2")) == 0  # the re-run: nothing left to do
+    assert outputs(tmp_path) == reference and run_counts(tmp_path)[victim] == 2
+
+
+def test_rank_application_error_is_not_retried_by_running_ranks_but_by_a_rerun(tmp_path, reference):
+    bad = "real/train-real-00001"
+    state = tmp_path / "state"
+    factory = ToyFactory.for_phases(tmp_path, PHASES, fail=(bad,))
+    ranks = [RankExecutor(r, 2, lease_seconds=5, poll_seconds=0.05, device="cpu") for r in range(2)]
+    reports = [None, None]
+    threads = [threading.Thread(target=lambda r=r: reports.__setitem__(r, execute(PHASES, factory, state, ranks[r])))
+               for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(r.stopped_after_phase == 0 and [t for t, _ in r.failures] == [bad] for r in reports)
+    assert all("ValueError: toy failure" in r.failures[0][1] for r in reports)
+    assert run_counts(tmp_path)[bad] == 1
+    status = read_status(state, PHASES, is_done_in(tmp_path))
+    assert [f["task"] for f in status[0].failed] == [bad] and not status[0].running
+
+    rerun = execute(PHASES, ToyFactory.for_phases(tmp_path, PHASES), state,
+                    RankExecutor(0, 2, lease_seconds=5, poll_seconds=0.05, device="cpu"))
+    assert rerun.ok and outputs(tmp_path) == reference
+
+
+def test_status_lists_a_running_task_from_its_live_claim(tmp_path):
+    store = ClaimStore(tmp_path / "state", rank=3, lease_seconds=60)
+    store.try_claim("invert/g0000")
+    status = read_status(tmp_path / "state", PHASES, lambda task_id: task_id.startswith("real/"))
+    assert (status[0].done, status[0].total) == (3, 5)
+    assert [(c["task"], c["owner"]["rank"]) for c in status[0].running] == [("invert/g0000", 3)]
+
+
+# --- ray ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster for the module, on the loopback address only: 2 CPUs and 2 logical GPUs."""
+    # Ray replaces 127.0.0.1 by the machine's outward address unless multi-node support for
+    # "Windows or OSX" is off; read when ray is imported, and inherited by the raylet and its workers.
+    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_memory_monitor_refresh_ms",
+                                            "PYTHONPATH")}
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"  # a shared CI box near its memory limit: no OOM kills
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), saved["PYTHONPATH"] or ""])  # actors import the toys
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install fillup-data[ray])")
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    assert not ray_constants.ENABLE_RAY_CLUSTER, "ray was imported before this fixture: it would not stay on loopback"
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+        # a removed node is declared dead within ~1 s instead of ~30 s
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300,
+                           "health_check_failure_threshold": 3}})
+    try:
+        ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def ray_executor(**options):
+    from fillup_data.executors import RayExecutor
+
+    return RayExecutor(worker_device="cpu", **options)  # the cluster's GPUs are logical
+
+
+def test_ray_gives_the_local_bytes_each_task_once(ray_cluster, tmp_path, reference):
+    executor = ray_executor()
+    assert executor._pools[True].capacity == 2 and executor._pools[True].options == {"num_gpus": 1.0, "num_cpus": 0}
+    report = execute(PHASES, ToyFactory.for_phases(tmp_path, PHASES), tmp_path / "state", executor)
+    assert report.ok and report.tasks_run == len(ALL_IDS) and not report.retries
+    assert outputs(tmp_path) == reference
+    assert run_counts(tmp_path) == {task_id: 1 for task_id in ALL_IDS}
+    model_pids = {json.loads((tmp_path / "started" / f"{t.id.replace('/', '+')}").read_text())["pid"]
+                  for t in PHASES[1]}
+    assert len(model_pids) <= 2  # long-lived actors: one runner each for all their tasks
+
+
+def test_ray_actor_sigkilled_mid_task_is_replaced_and_the_task_retried(ray_cluster, tmp_path, reference):
+    victim = "synthetic/train-synthetic-00002"
+    factory = ToyFactory.for_phases(tmp_path, PHASES, kill_once=(victim,))
+    report = execute(PHASES, factory, tmp_path / "state", ray_executor())
+    assert report.ok, report.format()
+    assert [task for task, _ in report.retries] == [victim]
+    assert "ActorDiedError" in report.retries[0][1]
+    assert outputs(tmp_path) == reference
+    assert run_counts(tmp_path)[victim] == 2
+
+
+def test_ray_application_error_is_recorded_with_its_traceback_and_not_retried(ray_cluster, tmp_path):
+    bad = "invert/g0000"
+    state = tmp_path / "state"
+    report = execute(PHASES, ToyFactory.for_phases(tmp_path, PHASES, fail=(bad,)), state, ray_executor())
+    assert report.stopped_after_phase == 0 and not report.retries
+    [(task, text)] = report.failures
+    assert task == bad and "Traceback" in text and "ValueError: toy failure in invert/g0000" in text
+    assert run_counts(tmp_path)[bad] == 1
+    assert "toy failure" in json.loads((state / "failed" / "invert+g0000.json").read_text())["error"]
+
+
+def test_ray_node_removed_mid_run_its_task_is_retried_elsewhere(ray_cluster, tmp_path, reference):
+    node = ray_cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
+    factory = ToyFactory.for_phases(tmp_path, PHASES, sleep_model_tasks=1.0)
+    executor = ray_executor()
+    assert executor._pools[True].capacity == 3  # the third model actor can only live on the new node
+
+    caught: list[str] = []
+
+    def remove_node_when_it_runs_a_model_task():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for started in (tmp_path / "started").glob("*"):
+                if not started.name.startswith(("invert+", "synthetic+")) or (tmp_path / "done" / started.name).exists():
+                    continue
+                try:
+                    on_node = json.loads(started.read_text())["node"] == node.node_id
+                except (json.JSONDecodeError, FileNotFoundError):
+                    continue
+                if on_node:  # the task sleeps 1 s: it is mid-task
+                    caught.append(started.name.replace("+", "/"))
+                    ray_cluster.remove_node(node, allow_graceful=False)
+                    return
+            time.sleep(0.02)
+
+    remover = threading.Thread(target=remove_node_when_it_runs_a_model_task)
+    remover.start()
+    try:
+        report = execute(PHASES, factory, tmp_path / "state", executor)
+    finally:
+        remover.join()
+    assert caught, "the test never saw a model task on the extra node"
+    assert report.ok, report.format()
+    assert caught[0] in [task for task, _ in report.retries]
+    assert outputs(tmp_path) == reference
