@@ -65,7 +65,9 @@ class ToyRunner:
             log.write(f"{task_id} {os.getpid()}\n")
         started = self.out / "started"
         started.mkdir(exist_ok=True)
-        (started / _name(task_id)).write_text(json.dumps({"pid": os.getpid(), "node": _ray_node_id()}))
+        where = {"pid": os.getpid(), "node": _ray_node_id(), "device": self.worker.device,
+                 "threads": self.worker.num_threads}
+        (started / _name(task_id)).write_text(json.dumps(where))
         if task_id in self.f.kill_once:
             marker = self.out / "killed" / _name(task_id)
             marker.parent.mkdir(exist_ok=True)

@@ -17,6 +17,7 @@ import pytest
 from fillup_data.errors import FillupError
 from fillup_data.executors import LocalExecutor, RankExecutor, TaskSpec, execute, rank_from_env, read_status
 from fillup_data.executors.claims import ClaimStore, live_claims
+from fillup_data.executors.devices import usable_cpus
 from tests.executor_toys import ToyFactory, toy_phases
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,8 +59,9 @@ def test_local_two_worker_processes_give_the_in_process_bytes(tmp_path, referenc
     assert report.ok and report.tasks_run == len(ALL_IDS) and not report.retries
     assert outputs(tmp_path) == reference
     assert run_counts(tmp_path) == {task_id: 1 for task_id in ALL_IDS}
-    pids = {json.loads(p.read_text())["pid"] for p in (tmp_path / "started").iterdir()}
-    assert os.getpid() not in pids and len(pids) >= 1  # ran in worker processes, not here
+    started = [json.loads(p.read_text()) for p in (tmp_path / "started").iterdir()]
+    assert os.getpid() not in {s["pid"] for s in started}  # ran in worker processes, not here
+    assert {s["threads"] for s in started} == {max(1, usable_cpus() // 2)}  # the cores split between them
 
 
 def test_local_rerun_skips_done_tasks(tmp_path):
@@ -67,7 +69,8 @@ def test_local_rerun_skips_done_tasks(tmp_path):
     execute(PHASES, factory, tmp_path / "state", LocalExecutor(devices=["cpu"]))
     again = execute(PHASES, factory, tmp_path / "state", LocalExecutor(devices=["cpu"]))
     assert again.tasks_run == 0 and again.tasks_skipped == len(ALL_IDS)
-    driver_side = execute(PHASES, factory, tmp_path / "state", LocalExecutor(devices=["cpu"]), is_done=is_done_in(tmp_path))
+    driver_side = execute(PHASES, factory, tmp_path / "state", LocalExecutor(devices=["cpu"]),
+                          is_done=is_done_in(tmp_path))
     assert driver_side.tasks_skipped == len(ALL_IDS)
     assert run_counts(tmp_path) == {task_id: 1 for task_id in ALL_IDS}
 
@@ -86,7 +89,8 @@ def test_local_sigkilled_worker_process_is_replaced_and_its_task_retried(tmp_pat
 def test_local_application_error_stops_after_its_phase_and_a_rerun_completes(tmp_path, reference):
     bad = "invert/g0001"
     state = tmp_path / "state"
-    report = execute(PHASES, ToyFactory.for_phases(tmp_path, PHASES, fail=(bad,)), state, LocalExecutor(devices=["cpu"]))
+    failing = ToyFactory.for_phases(tmp_path, PHASES, fail=(bad,))
+    report = execute(PHASES, failing, state, LocalExecutor(devices=["cpu"]))
     assert not report.ok and report.stopped_after_phase == 0
     [(task, text)] = report.failures
     assert task == bad and "Traceback" in text and "ValueError: toy failure in invert/g0001" in text
@@ -172,6 +176,23 @@ def test_a_stale_claim_is_taken_over_by_exactly_one_rank(tmp_path):
     assert set(live_claims(tmp_path)) == {"real/x"}
 
 
+def test_a_taker_that_saw_the_stale_claim_late_does_not_replace_the_new_owner(tmp_path, monkeypatch):
+    owner = ClaimStore(tmp_path, rank=0, lease_seconds=60)
+    owner.try_claim("real/x")
+    claim = json.loads(owner.path("real/x").read_text())
+    stale = {**claim, "expires": time.time() - 1}
+    owner.path("real/x").write_text(json.dumps(stale))
+    first, late = ClaimStore(tmp_path, rank=1, lease_seconds=60), ClaimStore(tmp_path, rank=2, lease_seconds=60)
+    held, _ = first.try_claim("real/x")
+    assert held is not None
+    # The late taker read the claim while it was still stale, then lost the CPU until after the takeover.
+    reads = iter([stale])
+    real_read = ClaimStore.read
+    monkeypatch.setattr(late, "read", lambda task_id: next(reads, None) or real_read(late, task_id))
+    assert late.try_claim("real/x") == (None, None)
+    assert first.renew(held)  # still the owner
+
+
 def test_a_claim_file_cut_short_by_a_crash_expires_one_lease_after_its_mtime(tmp_path):
     store = ClaimStore(tmp_path, rank=0, lease_seconds=60)
     store.path("real/x").write_text("")
@@ -182,10 +203,26 @@ def test_a_claim_file_cut_short_by_a_crash_expires_one_lease_after_its_mtime(tmp
     assert held is not None and stale["owner"]["nonce"].startswith("unreadable-")
 
 
+STARTED_RANKS: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_rank_left_behind():
+    """A failing rank test must not leave its rank processes running."""
+    yield
+    while STARTED_RANKS:
+        process = STARTED_RANKS.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def start_rank(out: Path, rank: int, world: int, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "tests.executor_toys", str(out), str(rank), str(world), *extra],
-                            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "tests.executor_toys", str(out), str(rank), str(world), *extra],
+                               cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    STARTED_RANKS.append(process)
+    return process
 
 
 def finish(process: subprocess.Popen) -> int:
@@ -324,9 +361,29 @@ def test_ray_gives_the_local_bytes_each_task_once(ray_cluster, tmp_path, referen
     assert report.ok and report.tasks_run == len(ALL_IDS) and not report.retries
     assert outputs(tmp_path) == reference
     assert run_counts(tmp_path) == {task_id: 1 for task_id in ALL_IDS}
-    model_pids = {json.loads((tmp_path / "started" / f"{t.id.replace('/', '+')}").read_text())["pid"]
-                  for t in PHASES[1]}
-    assert len(model_pids) <= 2  # long-lived actors: one runner each for all their tasks
+    model_runs = [json.loads((tmp_path / "started" / t.id.replace("/", "+")).read_text()) for t in PHASES[1]]
+    assert len({r["pid"] for r in model_runs}) <= 2  # long-lived actors: one runner each for all their tasks
+    assert {(r["device"], r["threads"]) for r in model_runs} == {("cpu", 1)}  # 2 cores shared by 2 GPU actors
+
+
+def test_ray_cluster_without_gpus_runs_model_tasks_on_cpu_actors_and_says_so(ray_cluster, tmp_path, reference,
+                                                                                monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    executor = ray_executor()
+    assert executor._pools[True] is executor._pools[False]
+    report = execute(PHASES, ToyFactory.for_phases(tmp_path, PHASES), tmp_path / "state", executor)
+    assert report.ok and outputs(tmp_path) == reference
+    assert any("no GPUs" in note for note in report.notes)
+
+
+def test_ray_missing_gives_the_install_command(monkeypatch):
+    from fillup_data.executors import RayExecutor
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(FillupError, match=r"pip install fillup-data\[ray\]"):
+        RayExecutor()
 
 
 def test_ray_actor_sigkilled_mid_task_is_replaced_and_the_task_retried(ray_cluster, tmp_path, reference):
@@ -363,7 +420,8 @@ def test_ray_node_removed_mid_run_its_task_is_retried_elsewhere(ray_cluster, tmp
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             for started in (tmp_path / "started").glob("*"):
-                if not started.name.startswith(("invert+", "synthetic+")) or (tmp_path / "done" / started.name).exists():
+                is_model_task = started.name.startswith(("invert+", "synthetic+"))
+                if not is_model_task or (tmp_path / "done" / started.name).exists():
                     continue
                 try:
                     on_node = json.loads(started.read_text())["node"] == node.node_id

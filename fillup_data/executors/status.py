@@ -23,7 +23,8 @@ class PhaseStatus:
         return self.done == self.total
 
 
-def read_status(state_dir: str | Path, phases: list[list[TaskSpec]], is_done: Callable[[str], bool]) -> list[PhaseStatus]:
+def read_status(state_dir: str | Path, phases: list[list[TaskSpec]],
+                is_done: Callable[[str], bool]) -> list[PhaseStatus]:
     """Per phase: done/total (from ``is_done``), tasks running now (live claims: ranks executor) and
     failed tasks that are still not done, with their error."""
     state_dir = Path(state_dir)
