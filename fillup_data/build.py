@@ -21,13 +21,12 @@ from tqdm.auto import tqdm
 
 from fillup_data import __version__
 from fillup_data.errors import FillupError
-from fillup_data.index import SourceIndex, build_index
-from fillup_data.plan import Plan, RealSample, ShardPlan, make_plan
+from fillup_data.executors import ExecutionReport, Executor
+from fillup_data.index import SourceIndex
+from fillup_data.plan import Plan, ShardPlan, make_plan
 from fillup_data.recipe import Recipe, fingerprint, model_revision
-from fillup_data.shards.card import render_card
-from fillup_data.shards.manifest import index_row, write_index
-from fillup_data.shards.writer import ShardWriter, encode_image, real_metadata, remove_stale_temps
-from fillup_data.sources import ImageLoadError, open_source
+from fillup_data.shards.writer import remove_stale_temps
+from fillup_data.stages.assemble import assemble, drop_mismatched_shards
 from fillup_data.state import (LOCK_NAME, STATE_DIR, BuildLock, completed_shard, forget_shard, read_json_record,
                                save_shard_record, shard_record, verify_shard, write_json_atomic)
 
@@ -61,7 +60,10 @@ class BuildSummary:
             f"{self.synthetic:,} synthetic, {self.test:,} test images in {self.shards} shards "
             f"({self.shards_written} written, {self.shards_reused} reused from an earlier run{rewritten})\n"
             f"skipped images: {skipped}; regenerated black/non-finite images: {self.retries}\n"
-            f"output: {self.out}  (manifest.json, index.parquet, README.md, report.json)"
+            + "".join(f"task retried after its worker was lost: {task} ({why})\n"
+                      for task, why in self.extra.get("task_retries", []))
+            + "".join(f"note: {n}\n" for n in self.extra.get("executor_notes", []))
+            + f"output: {self.out}  (manifest.json, index.parquet, README.md, report.json)"
         )
 
 
@@ -134,7 +136,7 @@ def _clear_build_outputs(out: Path, log) -> None:
             f"in {out} untouched: {', '.join(left[:10])}{', ...' if len(left) > 10 else ''}")
 
 
-def _claim_output(recipe: Recipe, out: Path, fp: str, force: bool, log=print) -> None:
+def _claim_output(recipe: Recipe, out: Path, fp: str, force: bool, log=print, remove_temps: bool = True) -> None:
     """Under the lock: resume a build of this recipe, refuse (or with --force clear) another one."""
     state = _state(out)
     record = state / "build.json"
@@ -150,7 +152,7 @@ def _claim_output(recipe: Recipe, out: Path, fp: str, force: bool, log=print) ->
     (state / "shards").mkdir(parents=True, exist_ok=True)
     if not record.is_file():
         write_json_atomic(record, {"fingerprint": fp, "package_version": __version__, "recipe": recipe.resolved()})
-    stale = remove_stale_temps(out / "data")
+    stale = remove_stale_temps(out / "data") if remove_temps else []
     if stale:
         log(f"removed {len(stale)} partial shard file(s) a stopped build left: {', '.join(stale[:5])}")
 
@@ -162,46 +164,22 @@ def load_or_build_index(recipe: Recipe, out: Path, workers: int) -> SourceIndex:
     return resume_or_build_index(recipe, _state(out) / "index.json", workers)
 
 
-# --------------------------------------------------------------------------- real shards
-def write_real_shard(recipe: Recipe, shard: ShardPlan, out: Path, class_names: list[str]) -> dict:
-    """Decode, re-encode and write one real shard; returns its completion record."""
-    source = open_source(recipe)
-    writer = ShardWriter(out / shard.path, recipe.shards.image_format)
-    rows, skipped, metas = [], [], []
-    try:
-        for s in shard.samples:
-            assert isinstance(s, RealSample)
-            try:
-                img = source.load(s.item)
-            except ImageLoadError as err:  # changed on disk since indexing: report, never lose silently
-                skipped.append({"split": shard.split, "label": s.item.label, "source_path": s.item.source_path,
-                                "where": s.item.where, "reason": err.reason, "detail": err.detail})
-                continue
-            meta = real_metadata(s.item.label, class_names[s.item.label], s.item.source_path)
-            writer.write(s.key, s.item.label, encode_image(img, recipe.shards), meta)
-            metas.append(meta)
-        num_bytes, sha = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    for rec, meta in zip(writer.records, metas):
-        rows.append(index_row(rec, shard.path, shard.split, meta))
-    return shard_record(shard, len(rows), num_bytes, sha, rows, skipped)
-
-
+# --------------------------------------------------------------------------- phase A/B through an executor
 def shard_done(out: Path, shard: ShardPlan) -> dict | None:
     """A shard is done when its record is readable and the tar on disk has the recorded size."""
     return completed_shard(out, shard)
 
 
-def run_real_shards(recipe: Recipe, plan: Plan, out: Path, class_names: list[str], workers: int,
-                    progress: bool) -> list[str]:
-    """Write every real shard not done yet; returns the paths written."""
+def run_real_shards_in_pool(recipe: Recipe, plan: Plan, out: Path, class_names: list[str], workers: int,
+                            progress: bool) -> list[str]:
+    """The local executor's fast path on CPU: real shards in a process pool (decoding is the cost),
+    each the same task a worker would run. Returns the paths written."""
+    from fillup_data.stages.real import write_real_shard
+
     todo = [s for s in plan.shards if s.origin == "real" and shard_done(out, s) is None]
     if not todo:
         return []
-    total = sum(len(s.samples) for s in todo)
-    bar = tqdm(total=total, desc="real shards", unit="img", disable=not progress)
+    bar = tqdm(total=sum(len(s.samples) for s in todo), desc="real shards", unit="img", disable=not progress)
     if workers <= 1 or len(todo) == 1:
         for s in todo:
             save_shard_record(out, s, write_real_shard(recipe, s, out, class_names))
@@ -217,115 +195,55 @@ def run_real_shards(recipe: Recipe, plan: Plan, out: Path, class_names: list[str
     return [s.path for s in todo]
 
 
-# --------------------------------------------------------------------------- synthetic shards
-def run_synthetic(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, progress: bool) -> tuple[list[str], int]:
-    """Invert every class (textual_inversion), then generate each synthetic shard not done yet.
-    Returns (paths written, tokens trained)."""
-    shards = [s for s in plan.shards if s.origin == "synthetic"]
-    if not shards:
-        return [], 0
-    from fillup_data import synthesis  # torch and diffusers only when there is something to generate
+class _Borrowed(Executor):
+    """Lends ``inner`` to one ``execute`` call without letting it close: the build runs several calls
+    (plan, phases, assemble; a repair pass) on the same workers and closes them once, at its end."""
 
-    return synthesis.run(recipe, plan, index, out, shards, progress)
+    def __init__(self, inner: Executor):
+        self.inner = inner
 
+    def run_phase(self, tasks, factory, state_dir, is_done):
+        return self.inner.run_phase(tasks, factory, state_dir, is_done)
 
-def _write_missing_shards(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, workers: int,
-                          progress: bool, log) -> tuple[set[str], int]:
-    log("[3/5] real shards")
-    written = run_real_shards(recipe, plan, out, index.class_names, workers, progress)
-    log(f"[4/5] invert + generate ({plan.num_synthetic:,} synthetic images)")
-    synthetic, tokens = run_synthetic(recipe, plan, index, out, progress)
-    return set(written) | set(synthetic), tokens
+    @property
+    def in_process(self) -> bool:
+        return getattr(self.inner, "in_process", False)
+
+    def notes(self) -> list[str]:
+        return []  # the build reads them once, from the executor itself
 
 
-def drop_mismatched_shards(out: Path, plan: Plan) -> list[str]:
-    """Read every shard and compare its sha256 with its completion record; a shard that differs
-    (overwritten by another process, damaged on disk) is not done: its record and tar go."""
-    bad = []
-    for s in plan.shards:
-        rec = shard_done(out, s)
-        if rec is not None and not verify_shard(out, s, rec):
-            forget_shard(out, s)
-            bad.append(s.path)
-    return bad
+def _raise_failures(report: ExecutionReport, out: Path) -> None:
+    if report.failures:
+        lines = [f"  {task}: {(err.strip().splitlines() or ['?'])[-1]}" for task, err in report.failures]
+        raise FillupError(f"{len(report.failures)} task(s) failed (tracebacks in {_state(out) / 'failed'}); fix the "
+                          f"cause and relaunch the same command to resume:\n" + "\n".join(lines))
 
 
-# --------------------------------------------------------------------------- assemble
-def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str,
-             rewritten: list[str] | None = None) -> dict:
-    records = []
-    for s in plan.shards:
-        rec = shard_done(out, s)
-        if rec is None:
-            raise FillupError(f"shard {s.path} is not complete; relaunch the build to finish it")
-        records.append(rec)
-    rows = [r for rec in records for r in rec["rows"]]
-    write_index(out / "index.parquet", rows)
+def _run_tasks(recipe: Recipe, plan: Plan, out: Path, executor, progress: bool, log) -> ExecutionReport:
+    """Phase A (real shards, inversion groups) then phase B (synthetic shards) on a copy of ``executor``."""
+    from fillup_data.executors import execute
+    from fillup_data.stages.tasks import BuildRunner, BuildRunnerFactory, build_phases
 
-    counts: dict[tuple[str, bool], list[int]] = {}
-    for r in rows:
-        counts.setdefault((r["split"], r["is_synthetic"]), [0] * len(plan.classes))[r["label"]] += 1
-    zero = [0] * len(plan.classes)
-    real, syn, test = counts.get(("train", False), zero), counts.get(("train", True), zero), counts.get(("test", False), zero)
-    classes = [
-        {"index": c.index, "name": c.name, "real": real[c.index], "synthetic": syn[c.index], "test": test[c.index],
-         "group": c.group, "token_steps": list(c.token_steps)}
-        for c in plan.classes
-    ]
-    tokens = []
-    for c in plan.classes:
-        tp = out / "tokens" / f"{c.index:05d}.safetensors"
-        if tp.is_file():
-            from fillup_data.shards.writer import sha256_file
+    phases = build_phases(recipe, plan)
+    probe = BuildRunner(recipe, out, progress=False)  # the driver's cheap is_done: records on disk only
+    probe._plan = plan
+    log(f"[3-5/6] real shards + invert, then generate: {sum(len(p) for p in phases)} tasks in {len(phases)} "
+        f"phase(s), {plan.num_synthetic:,} synthetic images")
+    report = execute(phases, BuildRunnerFactory(recipe.resolved(), str(out), progress), _state(out),
+                     _Borrowed(executor), is_done=probe.is_done)
+    _raise_failures(report, out)
+    return report
 
-            tokens.append({"path": f"tokens/{c.index:05d}.safetensors", "class_index": c.index,
-                           "num_bytes": tp.stat().st_size, "sha256": sha256_file(tp)})
-            dp = out / "tokens" / "diffusers" / f"{c.index:05d}.safetensors"
-            if dp.is_file():
-                tokens.append({"path": f"tokens/diffusers/{c.index:05d}.safetensors", "class_index": c.index,
-                               "num_bytes": dp.stat().st_size, "sha256": sha256_file(dp), "format": "diffusers"})
-    skipped = index.skipped + [x for rec in records for x in rec["skipped"]]
-    retries = sum(rec.get("retries", 0) for rec in records)
-    manifest = {
-        "name": recipe.name,
-        "version": recipe.version,
-        "parent_version": recipe.parent_version,
-        "fingerprint": fp,
-        "package_version": __version__,
-        "model": {"id": recipe.generator.model, "revision": recipe.generator.revision or "main"}
-        if plan.strategy != "none" else None,
-        "recipe": recipe.resolved(),
-        "imbalance_factor": round(plan.imbalance_factor, 3),
-        "groups": recipe.groups.model_dump(),
-        "classes": classes,
-        "splits": {
-            "train": {"real": sum(real), "synthetic": sum(syn)},
-            **({"test": {"real": sum(test)}} if "test" in index.items else {}),
-        },
-        "shards": [{k: rec[k] for k in ("path", "split", "origin", "num_samples", "num_bytes", "sha256")} for rec in records],
-        "tokens": tokens,
-        "skipped": len(skipped),
-    }
-    write_json_atomic(out / "manifest.json", manifest)
-    from collections import Counter
 
-    report = {
-        "skipped": skipped,
-        "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
-        "regenerated_images": retries,
-        "rewritten_shards": [{"path": p, "reason": "sha256 on disk differed from its completion record"}
-                             for p in rewritten or []],
-    }
-    write_json_atomic(out / "report.json", report)
-    from fillup_data.shards.figures import (DISTRIBUTION_PNG, SAMPLES_PNG, SYNTHETIC_SAMPLES_PNG, plot_distribution,
-                                            sample_grid)
-
-    plot_distribution(manifest, out / DISTRIBUTION_PNG)
-    sample_grid(out, manifest, out / SAMPLES_PNG)
-    if plan.num_synthetic:
-        sample_grid(out, manifest, out / SYNTHETIC_SAMPLES_PNG, include_real=False)
-    (out / "README.md").write_text(render_card(manifest, include_real=True), encoding="utf-8")
-    return manifest
+def _phase_ab(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, executor, workers: int,
+              progress: bool, log) -> tuple[set[str], ExecutionReport]:
+    """Every real and synthetic shard not done yet, and every token. Returns (paths written, report)."""
+    todo = {s.path for s in plan.shards if shard_done(out, s) is None}
+    if getattr(executor, "in_process", False):
+        log(f"[3/6] real shards in {workers} process(es)")
+        run_real_shards_in_pool(recipe, plan, out, index.class_names, workers, progress)
+    return todo, _run_tasks(recipe, plan, out, executor, progress, log)
 
 
 # --------------------------------------------------------------------------- status
@@ -364,42 +282,137 @@ def read_progress(out: str | os.PathLike) -> BuildProgress:
 
 
 def run_build(recipe: Recipe, out: str | os.PathLike, *, workers: int | None = None, force: bool = False,
-              progress: bool = True, log=print, recipe_path: str | os.PathLike | None = None) -> BuildSummary:
-    """Run or resume a build in ``out``.  ``recipe_path`` (the recipe's file) is never deleted by --force."""
+              progress: bool = True, log=print, recipe_path: str | os.PathLike | None = None,
+              executor=None) -> BuildSummary:
+    """Run or resume a build in ``out``.  ``recipe_path`` (the recipe's file) is never deleted by --force.
+
+    ``executor``: a ``fillup_data.executors`` executor, kept (workers, loaded pipelines) across the
+    build's phases and closed at its end.
+    Default ``LocalExecutor()``: one worker per visible GPU, in-process on CPU. A ``RankExecutor`` runs
+    this process's share of the build alongside the other ranks."""
+    from fillup_data.executors import LocalExecutor
+
     t0 = time.time()
     out = Path(out)
     workers = workers or min(8, os.cpu_count() or 1)
+    executor = executor or LocalExecutor()
+    try:
+        return _run_build(recipe, out, executor, workers, force, progress, log, recipe_path, t0)
+    finally:
+        executor.close()
+
+
+def _run_build(recipe: Recipe, out: Path, executor: Executor, workers: int, force: bool, progress: bool, log,
+               recipe_path, t0: float) -> BuildSummary:
+    from fillup_data.executors import RankExecutor
+
     fp = fingerprint(recipe, model_revision(recipe))
+    if isinstance(executor, RankExecutor):
+        if force:
+            raise FillupError("--force cannot be used with --rank: clear the folder once, before starting the ranks")
+        _check_output(out, False, _input_paths(recipe, recipe_path))
+        return _run_build_as_rank(recipe, out, fp, executor, workers, progress, log, t0)
     _check_output(out, force, _input_paths(recipe, recipe_path))
     with BuildLock.acquire(_state(out)):
         _claim_output(recipe, out, fp, force, log)
-
-        log(f"[1/5] index   {recipe.source.kind} source")
-        index = load_or_build_index(recipe, out, workers)
-        log(f"[2/5] plan    {len(index.class_names)} classes, fill {recipe.fill.policy}, strategy {recipe.generator.strategy}")
-        plan = make_plan(recipe, index)
-        write_json_atomic(_state(out) / "plan.json", {"classes": [c.__dict__ for c in plan.classes],
-                                                       "shards": [s.path for s in plan.shards]})
-        written, tokens = _write_missing_shards(recipe, plan, index, out, workers, progress, log)
-        log("[5/5] assemble  verify every shard's sha256, then manifest, index.parquet, dataset card")
+        index, plan = _index_and_plan(recipe, out, workers, log)
+        written, report = _phase_ab(recipe, plan, index, out, executor, workers, progress, log)
+        log("[6/6] assemble  verify every shard's sha256, then manifest, index.parquet, dataset card")
         rewritten = drop_mismatched_shards(out, plan)
         if rewritten:  # the lock keeps other builds out, so this is damage on disk: one more pass repairs it
             log(f"{len(rewritten)} shard(s) differ from their completion records and are not done: "
                 f"{', '.join(rewritten)}; rewriting them")
-            again, more_tokens = _write_missing_shards(recipe, plan, index, out, workers, progress, log)
+            again, _ = _phase_ab(recipe, plan, index, out, executor, workers, progress, log)
             written |= again
-            tokens += more_tokens
             still = drop_mismatched_shards(out, plan)
             if still:
                 raise FillupError(f"{', '.join(still)}: changed again right after being rewritten; is another "
                                   f"process writing into {out}? Stop it and relaunch")
         manifest = assemble(recipe, plan, index, out, fp, rewritten)
-    report = json.loads((out / "report.json").read_text())
+    return _summary(out, plan, manifest, written, report, rewritten, t0, executor.notes())
+
+
+def _index_and_plan(recipe: Recipe, out: Path, workers: int, log) -> tuple[SourceIndex, Plan]:
+    log(f"[1/6] index   {recipe.source.kind} source")
+    index = load_or_build_index(recipe, out, workers)
+    log(f"[2/6] plan    {len(index.class_names)} classes, fill {recipe.fill.policy}, strategy {recipe.generator.strategy}")
+    plan = make_plan(recipe, index)
+    write_json_atomic(_state(out) / "plan.json", {"classes": [c.__dict__ for c in plan.classes],
+                                                   "shards": [s.path for s in plan.shards]})
+    return index, plan
+
+
+def _summary(out: Path, plan: Plan, manifest: dict, written: set[str], report: ExecutionReport | None,
+             rewritten: list[str], t0: float, notes: list[str] | None = None) -> BuildSummary:
+    rep = json.loads((out / "report.json").read_text())
+    tokens = sum(s.get("classes_trained", 0) for s in (report.summaries.values() if report else []))
     return BuildSummary(
         out=out, classes=len(plan.classes), real=manifest["splits"]["train"]["real"],
         synthetic=manifest["splits"]["train"]["synthetic"],
         test=manifest["splits"].get("test", {}).get("real", 0), shards=len(manifest["shards"]),
-        skipped=report["skipped_by_reason"], retries=report["regenerated_images"], seconds=time.time() - t0,
+        skipped=rep["skipped_by_reason"], retries=rep["regenerated_images"], seconds=time.time() - t0,
         shards_written=len(written), shards_reused=len(plan.shards) - len(written), tokens_trained=tokens,
         shards_rewritten=len(rewritten),
+        extra={"task_retries": list(report.retries) if report else [], "executor_notes": notes or []},
     )
+
+
+@dataclass
+class _OnceTasks:
+    """The tasks that run once in a rank build ("plan", "assemble"), as a runner factory + runner."""
+
+    recipe: dict
+    out: str
+    fingerprint: str
+    workers: int
+
+    def __call__(self, worker=None) -> "_OnceTasks":
+        return self
+
+    def _recipe(self) -> Recipe:
+        from fillup_data.recipe import parse_stored_recipe
+
+        return parse_stored_recipe(self.recipe, f"{self.out}/{STATE_DIR}/build.json")
+
+    def is_done(self, task_id: str) -> bool:
+        out = Path(self.out)
+        if task_id == "plan":
+            rec = read_json_record(_state(out) / "build.json")
+            return (rec is not None and rec.get("fingerprint") == self.fingerprint
+                    and read_json_record(_state(out) / "plan.json") is not None)
+        manifest = read_json_record(out / "manifest.json")
+        return manifest is not None and manifest.get("fingerprint") == self.fingerprint
+
+    def run(self, task_id: str) -> dict:
+        recipe, out = self._recipe(), Path(self.out)
+        if task_id == "plan":
+            _claim_output(recipe, out, self.fingerprint, False, print, remove_temps=False)  # others may be writing
+            _index_and_plan(recipe, out, self.workers, print)
+            return {}
+        index = load_or_build_index(recipe, out, self.workers)
+        plan = make_plan(recipe, index)
+        bad = drop_mismatched_shards(out, plan)
+        if bad:
+            raise FillupError(f"{', '.join(bad)}: differed from their completion records and were dropped; "
+                              f"relaunch the ranks to rewrite them")
+        assemble(recipe, plan, index, out, self.fingerprint, [])
+        return {}
+
+
+def _run_build_as_rank(recipe: Recipe, out: Path, fp: str, executor, workers: int, progress: bool, log,
+                       t0: float) -> BuildSummary:
+    """One rank of W: plan and assemble run once (whichever rank claims them), the rest is shared
+    through claims in the build folder; a rank that stops is taken over when its claims expire."""
+    from fillup_data.executors import TaskSpec, execute
+
+    _state(out).mkdir(parents=True, exist_ok=True)
+    once = _OnceTasks(recipe.resolved(), str(out), fp, workers)
+    _raise_failures(execute([[TaskSpec("plan")]], once, _state(out), _Borrowed(executor)), out)
+    index = load_or_build_index(recipe, out, workers)
+    plan = make_plan(recipe, index)
+    todo = {s.path for s in plan.shards if shard_done(out, s) is None}
+    report = _run_tasks(recipe, plan, out, executor, progress, log)
+    log("[6/6] assemble (one rank)")
+    _raise_failures(execute([[TaskSpec("assemble")]], once, _state(out), _Borrowed(executor)), out)
+    manifest = read_json_record(out / "manifest.json")
+    return _summary(out, plan, manifest, todo, report, [], t0, executor.notes())

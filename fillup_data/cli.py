@@ -70,9 +70,27 @@ def cmd_build(args) -> int:
 
     recipe = _load(args)
     summary = run_build(recipe, args.out, workers=args.workers, force=args.force, progress=not args.quiet,
-                        recipe_path=args.recipe)
+                        recipe_path=args.recipe, executor=_executor(args))
     print(summary.format())
     return 0
+
+
+def _executor(args):
+    """``--executor local|ray`` or ``--rank R --world-size W`` (else from Slurm array / torchrun variables)."""
+    from fillup_data.executors import LocalExecutor, RankExecutor, RayExecutor, rank_from_env
+
+    if (args.rank is None) != (args.world_size is None):
+        raise FillupError("--rank and --world-size go together (or neither: then SLURM_ARRAY_TASK_ID/"
+                          "SLURM_ARRAY_TASK_COUNT or RANK/WORLD_SIZE are read when set)")
+    ranked = (args.rank, args.world_size) if args.rank is not None else (
+        rank_from_env() if args.executor == "local" else None)
+    if ranked is not None and ranked[1] > 1:
+        if args.executor == "ray":
+            raise FillupError("--executor ray runs the whole build from one driver: drop --rank/--world-size")
+        return RankExecutor(ranked[0], ranked[1], lease_seconds=args.lease_seconds, poll_seconds=args.poll_seconds)
+    if args.executor == "ray":
+        return RayExecutor(args.ray_address, gpus_per_worker=args.gpus_per_worker, max_retries=args.max_retries)
+    return LocalExecutor(max_retries=args.max_retries)
 
 
 def cmd_status(args) -> int:
@@ -237,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="if OUT holds another recipe's build, delete that build's files (never other files) and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: one worker per visible GPU (in-process on CPU); ray: actors on a Ray cluster")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="the Ray cluster to join (default: the one this process joined, else a new local one)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per Ray actor (fractions share a GPU)")
+    p.add_argument("--max-retries", type=int, default=3, help="resubmissions of a task lost with its worker or node")
+    p.add_argument("--rank", type=int, default=None, help="this process's rank (with --world-size)")
+    p.add_argument("--world-size", type=int, default=None, help="number of ranks sharing the build folder")
+    p.add_argument("--lease-seconds", type=float, default=120.0,
+                   help="a rank's task claim not renewed for this long is taken over by a running rank")
+    p.add_argument("--poll-seconds", type=float, default=5.0, help="how often a waiting rank looks at the folder")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("status", help="how far a build has got")

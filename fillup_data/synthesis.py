@@ -1,5 +1,6 @@
-"""Stages 3 and 4 of a build: invert every class that needs synthetic images, then generate each
-synthetic shard.  Also regenerating any synthetic sample from its metadata, and the preview grid.
+"""The model side of a build, used by the invert and generate stages (``fillup_data.stages``), by
+``preview`` and by ``regenerate``: inverting classes, exporting tokens, generating a synthetic shard,
+and regenerating any synthetic sample from its metadata.
 
 Resumable at two grains: a class whose token file is complete is not trained again (an interrupted
 class resumes from its last checkpoint), and a synthetic shard with a completion record is not
@@ -137,29 +138,6 @@ def write_synthetic_shard(recipe: Recipe, plan: Plan, shard: ShardPlan, out: Pat
         raise
     rows = [index_row(rec, shard.path, shard.split, m, r) for rec, m, r in zip(writer.records, metas, retries)]
     return rows, metas, sum(retries), num_bytes, sha
-
-
-def run(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, shards: list[ShardPlan],
-        progress: bool) -> tuple[list[str], int]:
-    """Invert, then write every synthetic shard of ``shards`` not done yet, each followed by its
-    completion record.  Returns (paths written, tokens trained)."""
-    from fillup_data.models import load_pipeline_for
-
-    todo = [s for s in shards if completed_shard(out, s) is None]
-    if not todo:
-        return [], 0
-    pipe = load_pipeline_for(recipe.generator)
-    trained = 0
-    if recipe.generator.strategy == "textual_inversion":
-        trained = invert_all(recipe, plan, index, out, pipe, progress)
-        export_final_tokens(out, [c.index for c in plan.classes if c.synthetic > 0])
-    generator = make_generator(recipe, plan.classes, out, pipe)
-    bar = tqdm(total=sum(len(s.samples) for s in todo), desc="generate", unit="img", disable=not progress)
-    for shard in todo:
-        rows, _, retries, num_bytes, sha = write_synthetic_shard(recipe, plan, shard, out, generator, bar)
-        save_shard_record(out, shard, shard_record(shard, len(rows), num_bytes, sha, rows, [], retries))
-    bar.close()
-    return [s.path for s in todo], trained
 
 
 # --------------------------------------------------------------------------- regenerate

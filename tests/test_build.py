@@ -473,11 +473,11 @@ def test_file_names_that_are_not_utf8_are_a_clear_error(tmp_path):
 
 
 def test_status_counts_what_a_relaunch_would_skip(tmp_path, monkeypatch, capsys):
-    import fillup_data.build as build
+    import fillup_data.stages.real as real_stage
 
     recipe = parse_recipe(split_file_recipe(write_split_file_dataset(tmp_path / "data", [12, 6, 3])["train"].parent))
     out = tmp_path / "out"
-    real_write, calls = build.write_real_shard, []
+    real_write, calls = real_stage.write_real_shard, []
 
     def killed_on_third_shard(*a, **kw):
         calls.append(1)
@@ -485,7 +485,7 @@ def test_status_counts_what_a_relaunch_would_skip(tmp_path, monkeypatch, capsys)
             raise KeyboardInterrupt("killed")
         return real_write(*a, **kw)
 
-    monkeypatch.setattr(build, "write_real_shard", killed_on_third_shard)
+    monkeypatch.setattr(real_stage, "write_real_shard", killed_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         run_build(recipe, out, **QUIET)
     assert main(["status", str(out)]) == 0
@@ -495,7 +495,7 @@ def test_status_counts_what_a_relaunch_would_skip(tmp_path, monkeypatch, capsys)
     (out / ".fillup" / "shards" / "train-real-00002.json").write_text("")  # an empty record: not done
     assert main(["status", str(out)]) == 0
     assert capsys.readouterr().out == f"{out}: in progress; shards 1/4 done\n"
-    monkeypatch.setattr(build, "write_real_shard", real_write)
+    monkeypatch.setattr(real_stage, "write_real_shard", real_write)
     summary = run_build(recipe, out, **QUIET)
     assert (summary.shards_written, summary.shards_reused) == (3, 1)
     assert main(["status", str(out)]) == 0

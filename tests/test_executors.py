@@ -443,3 +443,42 @@ def test_ray_node_removed_mid_run_its_task_is_retried_elsewhere(ray_cluster, tmp
     assert report.ok, report.format()
     assert caught[0] in [task for task, _ in report.retries]
     assert outputs(tmp_path) == reference
+
+
+# --- the real build on each executor -------------------------------------------------------------------
+# A small Textual Inversion build of the demo source on the tiny pipeline: every file under data/ and
+# tokens/ must not depend on how many ranks made it. (On Ray the token bytes still differ from a local
+# build: issue 11 stays open until they do not.)
+
+@pytest.fixture(scope="module")
+def local_ti_build(tmp_path_factory):
+    from fillup_data.build import run_build
+    from tests.test_synthesis import QUIET, mini
+
+    out = tmp_path_factory.mktemp("local-ti") / "out"
+    run_build(mini(), out, **QUIET)
+    return out
+
+
+def tree_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for sub in ("data", "tokens")
+            for p in sorted((out / sub).rglob("*")) if p.is_file()}
+
+
+def test_build_as_three_ranks_gives_the_local_bytes(local_ti_build, tmp_path):
+    from tests.test_synthesis import DEMO, MINI
+
+    out = tmp_path / "out"
+    args = [a for kv in MINI for a in ("--set", kv)]
+    procs = [subprocess.Popen([sys.executable, "-m", "fillup_data.cli", "build", str(DEMO), "--out", str(out),
+                               "--quiet", "--workers", "1", "--rank", str(r), "--world-size", "3",
+                               "--lease-seconds", "30", "--poll-seconds", "0.2", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+             for r in range(3)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr[-3000:]
+        assert "build finished" in stdout
+    assert tree_bytes(out) == tree_bytes(local_ti_build)
+    assert (out / "index.parquet").read_bytes() == (local_ti_build / "index.parquet").read_bytes()

@@ -1,0 +1,102 @@
+"""Stage 6, assemble (one worker): verify every shard against its completion record, then write
+``index.parquet``, ``manifest.json``, ``report.json``, the figures and the dataset card."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from fillup_data import __version__
+from fillup_data.errors import FillupError
+from fillup_data.index import SourceIndex
+from fillup_data.plan import Plan
+from fillup_data.recipe import Recipe
+from fillup_data.shards.card import render_card
+from fillup_data.shards.manifest import write_index
+from fillup_data.shards.writer import sha256_file
+from fillup_data.state import completed_shard, forget_shard, verify_shard, write_json_atomic
+
+
+def drop_mismatched_shards(out: Path, plan: Plan) -> list[str]:
+    """Read every shard and compare its sha256 with its completion record; a shard that differs
+    (overwritten by another process, damaged on disk) is not done: its record and tar go."""
+    bad = []
+    for s in plan.shards:
+        rec = completed_shard(out, s)
+        if rec is not None and not verify_shard(out, s, rec):
+            forget_shard(out, s)
+            bad.append(s.path)
+    return bad
+
+
+def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str,
+             rewritten: list[str] | None = None) -> dict:
+    records = []
+    for s in plan.shards:
+        rec = completed_shard(out, s)
+        if rec is None:
+            raise FillupError(f"shard {s.path} is not complete; relaunch the build to finish it")
+        records.append(rec)
+    rows = [r for rec in records for r in rec["rows"]]
+    write_index(out / "index.parquet", rows)
+
+    counts: dict[tuple[str, bool], list[int]] = {}
+    for r in rows:
+        counts.setdefault((r["split"], r["is_synthetic"]), [0] * len(plan.classes))[r["label"]] += 1
+    zero = [0] * len(plan.classes)
+    real, syn, test = counts.get(("train", False), zero), counts.get(("train", True), zero), counts.get(("test", False), zero)
+    classes = [
+        {"index": c.index, "name": c.name, "real": real[c.index], "synthetic": syn[c.index], "test": test[c.index],
+         "group": c.group, "token_steps": list(c.token_steps)}
+        for c in plan.classes
+    ]
+    tokens = []
+    for c in plan.classes:
+        tp = out / "tokens" / f"{c.index:05d}.safetensors"
+        if tp.is_file():
+            tokens.append({"path": f"tokens/{c.index:05d}.safetensors", "class_index": c.index,
+                           "num_bytes": tp.stat().st_size, "sha256": sha256_file(tp)})
+            dp = out / "tokens" / "diffusers" / f"{c.index:05d}.safetensors"
+            if dp.is_file():
+                tokens.append({"path": f"tokens/diffusers/{c.index:05d}.safetensors", "class_index": c.index,
+                               "num_bytes": dp.stat().st_size, "sha256": sha256_file(dp), "format": "diffusers"})
+    skipped = index.skipped + [x for rec in records for x in rec["skipped"]]
+    retries = sum(rec.get("retries", 0) for rec in records)
+    manifest = {
+        "name": recipe.name,
+        "version": recipe.version,
+        "parent_version": recipe.parent_version,
+        "fingerprint": fp,
+        "package_version": __version__,
+        "model": {"id": recipe.generator.model, "revision": recipe.generator.revision or "main"}
+        if plan.strategy != "none" else None,
+        "recipe": recipe.resolved(),
+        "imbalance_factor": round(plan.imbalance_factor, 3),
+        "groups": recipe.groups.model_dump(),
+        "classes": classes,
+        "splits": {
+            "train": {"real": sum(real), "synthetic": sum(syn)},
+            **({"test": {"real": sum(test)}} if "test" in index.items else {}),
+        },
+        "shards": [{k: rec[k] for k in ("path", "split", "origin", "num_samples", "num_bytes", "sha256")} for rec in records],
+        "tokens": tokens,
+        "skipped": len(skipped),
+    }
+    write_json_atomic(out / "manifest.json", manifest)
+    report = {
+        "skipped": skipped,
+        "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        "regenerated_images": retries,
+        "rewritten_shards": [{"path": p, "reason": "sha256 on disk differed from its completion record"}
+                             for p in rewritten or []],
+    }
+    write_json_atomic(out / "report.json", report)
+    from fillup_data.shards.figures import (DISTRIBUTION_PNG, SAMPLES_PNG, SYNTHETIC_SAMPLES_PNG, plot_distribution,
+                                            sample_grid)
+
+    plot_distribution(manifest, out / DISTRIBUTION_PNG)
+    sample_grid(out, manifest, out / SAMPLES_PNG)
+    if plan.num_synthetic:
+        sample_grid(out, manifest, out / SYNTHETIC_SAMPLES_PNG, include_real=False)
+    (out / "README.md").write_text(render_card(manifest, include_real=True), encoding="utf-8")
+    return manifest

@@ -1,0 +1,26 @@
+"""Stage 5, generate: one synthetic shard, batches mixing classes and checkpoints, streamed into
+the shard writer (memory does not grow with the shard), then its completion record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from fillup_data.plan import Plan, ShardPlan
+from fillup_data.recipe import Recipe
+from fillup_data.state import completed_shard, save_shard_record, shard_record
+
+
+def run_synthetic_shard(recipe: Recipe, plan: Plan, shard: ShardPlan, out: Path, generator, progress: bool) -> dict:
+    """The task: skip when done; ``generator()`` gives the worker's (lazily built) SyntheticGenerator."""
+    from fillup_data import synthesis
+
+    if completed_shard(out, shard) is not None:
+        return {"skipped": True}
+    bar = tqdm(total=len(shard.samples), desc=f"generate {shard.name}", unit="img", disable=not progress,
+               leave=False)
+    rows, _, retries, num_bytes, sha = synthesis.write_synthetic_shard(recipe, plan, shard, out, generator(), bar)
+    bar.close()
+    save_shard_record(out, shard, shard_record(shard, len(rows), num_bytes, sha, rows, [], retries))
+    return {"images": len(rows), "retries": retries}
