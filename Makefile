@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_PINS)
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]' $(TORCH_PINS)
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,ray]' $(TORCH_PINS)
 	touch $@
 
 venv: $(VENV)/.installed
