@@ -61,6 +61,7 @@ def main(argv=None) -> int:
             from fillup_data.toyworld.classifier import load_classifier
             from fillup_data.toyworld.evaluate import MEASURE_PARTS, measure
 
+            commit = _commit()  # before the run: the code it loads is this checkout's
             pipe = load_toyworld() if args.out is None else _load(args.out)
             work.mkdir(parents=True, exist_ok=True)
             result = measure(pipe, load_classifier(), ti_steps=args.ti_steps, parts=args.parts or MEASURE_PARTS,
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
             machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
             command = "python scripts/train_toyworld.py " + " ".join(argv if argv is not None else sys.argv[1:])
             md = results_markdown(result, machine=machine, date=datetime.date.today().isoformat(), command=command,
-                                  commit=_commit())
+                                  commit=commit)
             (work / "measure.md").write_text(md)
             print(md)
             print(f"wrote {work / 'measure.json'} and {work / 'measure.md'}")

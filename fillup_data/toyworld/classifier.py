@@ -94,14 +94,16 @@ class ClassifierReport:
     n: int
 
 
-def evaluate_classifier(model: WorldClassifier, n: int = 4096, seed: int = EVAL_SEED) -> ClassifierReport:
-    """Accuracy on ``n`` fresh world images (one batch of seed ``seed``, from EVAL_SEED up: never trained on)."""
+def evaluate_classifier(model: WorldClassifier, n: int = 4096, seed: int = EVAL_SEED, transform=None) -> ClassifierReport:
+    """Accuracy on ``n`` fresh world images (one batch of seed ``seed``, from EVAL_SEED up: never trained on);
+    ``transform`` maps each ``[B, 3, 32, 32]`` chunk first (a VAE round trip, say)."""
     if seed < EVAL_SEED:
         raise FillupError(f"evaluation seed {seed} may be a training batch's; use a seed >= EVAL_SEED ({EVAL_SEED})")
     model.eval()
     pixels, labels = _draw_batch(seed, n)
+    transform = transform or (lambda x: x)
     with torch.no_grad():
-        preds = [torch.stack([ls.argmax(1), lc.argmax(1)], 1) for ls, lc in (model(p) for p in pixels.split(256))]
+        preds = [torch.stack([ls.argmax(1), lc.argmax(1)], 1) for ls, lc in (model(transform(p)) for p in pixels.split(256))]
     pred = torch.cat(preds)
     ok = pred == labels
     return ClassifierReport(float(ok[:, 0].float().mean()), float(ok[:, 1].float().mean()), float(ok.all(1).float().mean()), n)

@@ -216,9 +216,12 @@ def inversion_check(pipe, classifier, out_dir: str | Path, seed: int = 0) -> dic
 def generate_from_token(pipe, token_path: Path, n: int, *, guidance: float, steps: int = 25, seed: int = 0, batch_size: int = 16, token_step: int = -1):
     """Images from "a photo of a <token>" with the token's last (or given) checkpoint."""
     from fillup_data.generation.generator import SampleSpec, SyntheticGenerator
+    from fillup_data.inversion.token_file import read_token_file
 
-    gen = SyntheticGenerator(pipe, _generator_cfg("textual_inversion", guidance, steps, batch_size), ["class"], {0: token_path})
-    return [s.image for s in gen.generate([SampleSpec(0, seed * 100_000 + k, token_step) for k in range(n)])]
+    i = read_token_file(token_path).class_index  # a generator checks that a token file is its class's
+    gen = SyntheticGenerator(pipe, _generator_cfg("textual_inversion", guidance, steps, batch_size), ["class"] * (i + 1),
+                             {i: token_path})
+    return [s.image for s in gen.generate([SampleSpec(i, seed * 100_000 + k, token_step) for k in range(n)])]
 
 
 @torch.no_grad()
@@ -260,6 +263,11 @@ def measure(pipe, classifier, *, n_per: int = 16, steps: int = 25, ti_classes=No
 
     if "classifier" in parts:
         out["classifier"] = evaluate_classifier(classifier).__dict__
+        vae = pipe.vae
+        out["classifier_vae_roundtrip"] = evaluate_classifier(
+            classifier, transform=lambda x: vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mean).sample.clamp(-1, 1).float()
+        ).__dict__
+        say(f"classifier on VAE round trips {out['classifier_vae_roundtrip']}")
         say(f"classifier {out['classifier']}")
     if "words" in parts:
         rng = np.random.default_rng(seed)
@@ -323,6 +331,10 @@ def results_markdown(result: dict, *, machine: str, date: str, command: str, com
             f"World classifier on {c['n']} fresh world images (seeds above every training batch's): shape "
             f"{c['shape_accuracy']:.4f}, colour {c['colour_accuracy']:.4f}, both {c['both_accuracy']:.4f}.",
         ]
+        v = result.get("classifier_vae_roundtrip")
+        if v:
+            lines[-1] += (f" The same images after the toyworld VAE's encode/decode round trip: shape "
+                          f"{v['shape_accuracy']:.4f}, colour {v['colour_accuracy']:.4f}, both {v['both_accuracy']:.4f}.")
     if "words" in result:
         w = result["words"]
         lines += [
