@@ -33,7 +33,7 @@ CHECK_HELD_PER_PAIR = 4
 DEMO_HELD_OUT = tuple(world.world_classes(10)[6:])  # white diamond, orange hexagon, yellow circle, purple square
 CHECK_TI_IMAGES = 10
 CHECK_TI_STEPS = 400  # the demo recipe's min_steps
-CHECK_TI_PER_CLASS = 8
+CHECK_TI_PER_CLASS = 16
 
 
 @dataclass
