@@ -75,9 +75,28 @@ def synthetic_fidelity(build: Path) -> dict:
     return {"overall_both": overall, "chance": 1 / 64, "per_class": per_class}
 
 
+def provenance(argv: list[str]) -> dict:
+    """Date, commit and command of a result, so a table says where it came from."""
+    import datetime
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+        commit = head + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    return {"date": datetime.date.today().isoformat(), "commit": commit,
+            "command": "python -m fillup_data.experiment " + " ".join(map(str, argv[1:]))}
+
+
 def run(recipe: Path, train_config: Path, seeds: list[int], out: Path, results: Path, extra: list[str],
-        train_extra: list[str] = ()) -> dict:
+        train_extra: list[str] = (), command: list[str] | None = None) -> dict:
     t0 = time.time()
+    prov = provenance(sys.argv if command is None else command)  # the code this run loads
     out.mkdir(parents=True, exist_ok=True)
     build = out / "build"
     sets = [x for o in extra for x in ("--set", o)]
@@ -114,6 +133,7 @@ def run(recipe: Path, train_config: Path, seeds: list[int], out: Path, results: 
     fidelity = synthetic_fidelity(build)
     manifest = json.loads((build / "manifest.json").read_text())
     result = {"seeds": seeds, "table": table, "fidelity": fidelity, "minutes": (time.time() - t0) / 60,
+              "provenance": prov,
               "recipe": str(recipe), "train_config": str(train_config),
               "groups": {g: sum(1 for c in manifest["classes"] if c["group"] == g) for g in ("many", "medium", "few")}}
     results.mkdir(parents=True, exist_ok=True)
@@ -139,7 +159,9 @@ def _no_nan(obj):
 
 def format_table(result: dict) -> str:
     g = result["groups"]
-    lines = [
+    p = result.get("provenance")
+    lines = [f"{p['date']}, commit {p['commit']}, `{p['command']}`.", ""] if p else []
+    lines += [
         f"Top-1 accuracy (%) on the balanced test split, mean ± std over seeds {result['seeds']} "
         f"(classes: {g['many']} many, {g['medium']} medium, {g['few']} few).",
         "",

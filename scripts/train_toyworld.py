@@ -7,6 +7,7 @@
     python scripts/train_toyworld.py export --work build/toyworld-train      # writes the pipeline folder
     python scripts/train_toyworld.py all --work build/toyworld-train
     python scripts/train_toyworld.py measure --work build/toyworld-train     # numbers for benchmarks/RESULTS.md
+    python scripts/train_toyworld.py measure --parts checks                  # only what the tests assert
 
 Seeded: the same commands give the same weights on the same machine and library versions.
 Relaunching a stage resumes it from its last checkpoint.
@@ -15,6 +16,7 @@ Relaunching a stage resumes it from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="pipeline folder (default: the package's models/toyworld)")
     p.add_argument("--ti-steps", type=int, default=600, help="Textual Inversion steps in `measure`")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: chosen per step by measurement)")
+    p.add_argument("--parts", nargs="+", default=None, help="measure only these parts: classifier words inversion checks")
     args = p.parse_args(argv)
     if args.threads:
         import torch
@@ -56,19 +59,25 @@ def main(argv=None) -> int:
 
             from fillup_data.toyworld import load_toyworld
             from fillup_data.toyworld.classifier import load_classifier
-            from fillup_data.toyworld.evaluate import measure
+            from fillup_data.toyworld.evaluate import MEASURE_PARTS, measure
 
+            commit = _commit()  # before the run: the code it loads is this checkout's
             pipe = load_toyworld() if args.out is None else _load(args.out)
-            result = measure(pipe, load_classifier(), ti_steps=args.ti_steps)
             work.mkdir(parents=True, exist_ok=True)
+            result = measure(pipe, load_classifier(), ti_steps=args.ti_steps, parts=args.parts or MEASURE_PARTS,
+                             work_dir=work)
             (work / "measure.json").write_text(json.dumps(result, indent=1) + "\n")
             import datetime
             import platform
 
+            import torch
+
             from fillup_data.toyworld.evaluate import results_markdown
 
-            machine = f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, torch {__import__('torch').__version__}"
-            md = results_markdown(result, machine=machine, date=datetime.date.today().isoformat())
+            machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+            command = "python scripts/train_toyworld.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            md = results_markdown(result, machine=machine, date=datetime.date.today().isoformat(), command=command,
+                                  commit=commit)
             (work / "measure.md").write_text(md)
             print(md)
             print(f"wrote {work / 'measure.json'} and {work / 'measure.md'}")
@@ -77,6 +86,19 @@ def main(argv=None) -> int:
 
             export.export_pipeline(work, cfg, args.out)
     return 0
+
+
+def _commit() -> str:
+    """The checkout's commit, marked when the tree differs from it (the numbers then are not that commit's)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" + uncommitted changes" if dirty else "")
 
 
 def _load(folder):

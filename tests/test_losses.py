@@ -9,8 +9,6 @@ import torch.nn.functional as F
 from fillup_data.errors import FillupError
 from fillup_data.train.losses import BalancedSoftmaxLoss, make_loss
 
-torch.set_num_threads(1)
-
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_equals_cross_entropy_of_logits_plus_log_counts(seed):

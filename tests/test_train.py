@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,13 +18,15 @@ from safetensors.torch import load_file, save_file
 
 from fillup_data.errors import FillupError
 from fillup_data.train.config import STAGE2_DEFAULTS, TrainConfig, load_train_config, parse_train_config
-from fillup_data.train.evaluate import ClassTallies, summarize
+from fillup_data.train import checkpoint as ckpt_mod
+from fillup_data.train import trainer as trainer_mod
+from fillup_data.train.checkpoint import last_good_checkpoint, load_checkpoint, save_checkpoint
+from fillup_data.train.evaluate import ClassTallies, summarize, write_per_class_csv
 from fillup_data.train.models import build_model, classifier_of, load_weights
 from fillup_data.train.schedule import learning_rate
 
 from tests.test_loader import write_fixture_build
 
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TRAIN = ROOT / "recipes" / "train" / "demo.yaml"
 
@@ -31,6 +35,15 @@ DEMO_TRAIN = ROOT / "recipes" / "train" / "demo.yaml"
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread for these small models; the previous count is restored for the next test file."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- config and schedules
@@ -125,6 +138,83 @@ def test_group_accuracy_is_the_mean_of_per_class_accuracies():
     assert summarize(t, ["few"] * 5)["many"] is None
 
 
+def test_per_class_csv_neutralises_spreadsheet_formulas(tmp_path):
+    # class names come from a downloaded manifest: a spreadsheet must not run them (OWASP CSV injection)
+    names = ['=HYPERLINK("http://x","y")', "+1", "-2", "@SUM(A1)", "\tx", "\rx", 'plain, "quoted"', "blue ring"]
+    n = len(names)
+    t = ClassTallies(total=np.full(n, 4), top1=np.arange(n) % 5, top5=np.full(n, 4))
+    path = tmp_path / "per_class.csv"
+    write_per_class_csv(path, t, names, list(range(n)), ["few"] * n)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 1 + n
+    got = [r[1] for r in rows[1:]]
+    assert got[:6] == ["'" + name for name in names[:6]]
+    assert got[6:] == names[6:]  # ordinary names (commas and quotes included) round-trip unchanged
+    assert [r[0] for r in rows[1:]] == [str(i) for i in range(n)] and rows[1][6] == "0.0000"
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _tiny_state(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_a_damaged_checkpoint_counts_as_not_done(tmp_path):
+    run = tmp_path / "run"
+    for epoch in (0, 1):
+        model, opt = _tiny_state(epoch)
+        save_checkpoint(run, epoch, model, opt, {"step": 10 * (epoch + 1)})
+    warnings: list[str] = []
+    assert last_good_checkpoint(run, warnings.append).path.name == "epoch-0001" and not warnings
+    # an empty state.json, as a power cut leaves it on a filesystem that reorders writes
+    (run / "checkpoint" / "epoch-0001" / "state.json").write_bytes(b"")
+    good = last_good_checkpoint(run, warnings.append)
+    assert good.path.name == "epoch-0000" and good.scalars["step"] == 10
+    assert len(warnings) == 1 and "epoch-0001" in warnings[0] and "state.json" in warnings[0]
+    # the fallback loads completely: weights and momentum of epoch 0
+    model, opt = _tiny_state(5)
+    assert load_checkpoint(good, model, opt)["epoch"] == 0
+    assert torch.equal(model.weight, _tiny_state(0)[0].weight)
+    # a truncated tensor file too: nothing readable is left, so the stage starts again
+    weights = run / "checkpoint" / "epoch-0000" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    warnings.clear()
+    assert last_good_checkpoint(run, warnings.append) is None
+    assert "model.safetensors" in warnings[1] and "starts again" in warnings[-1]
+    # a truncated optimizer file is caught the same way
+    model, opt = _tiny_state(0)
+    save_checkpoint(run, 2, model, opt, {"step": 30})
+    opt_file = run / "checkpoint" / "epoch-0002" / "optimizer.pt"
+    opt_file.write_bytes(opt_file.read_bytes()[:100])
+    warnings.clear()
+    assert last_good_checkpoint(run, warnings.append) is None and "optimizer.pt" in warnings[0]
+
+
+def test_checkpoint_files_and_folders_are_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the fsynced files")
+    monkeypatch.setattr(ckpt_mod.os, "fsync", recording_fsync)
+    model, opt = _tiny_state(0)
+    final = save_checkpoint(tmp_path / "run", 0, model, opt, {"step": 1})
+    tmp = final.parent / ".epoch-0000.tmp"
+    for name in ("model.safetensors.tmp", "optimizer.pt", "state.json.tmp"):
+        assert str(tmp / name) in synced, (name, synced)  # the data, before its rename
+    assert str(tmp) in synced and str(final.parent) in synced  # the renames themselves
+    assert synced.index(str(tmp / "optimizer.pt")) < synced.index(str(final.parent))
+
+
 # --------------------------------------------------------------------------- end to end
 def _cli(*args: str) -> int:
     from fillup_data.cli import main
@@ -186,20 +276,61 @@ def _train_short(data: Path, out: Path, *extra: str) -> int:
                 "--set", "model.width=8", *extra)
 
 
+def _log_epochs(run: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def epochs_trained(monkeypatch):
+    """The (0-based) epochs the trainer actually runs, seen from inside its loop."""
+    seen: list[int] = []
+    real = trainer_mod.learning_rate
+
+    def spy(stage, epoch, it, iters):
+        if it == 0:
+            seen.append(epoch)
+        return real(stage, epoch, it, iters)
+
+    monkeypatch.setattr(trainer_mod, "learning_rate", spy)
+    return seen
+
+
 @pytest.mark.slow
-def test_resume_repeats_an_uninterrupted_run_exactly(demo_build, tmp_path):
+def test_resume_repeats_an_uninterrupted_run_exactly(demo_build, tmp_path, epochs_trained, capsys):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert _train_short(demo_build, full) == 0
     assert _train_short(demo_build, cut) == 0
-    # simulate a crash during the last epoch: its checkpoint and the final weights never got written
-    import shutil
+    assert epochs_trained == [0, 1, 2, 0, 1, 2]
+    want = load_file(str(full / "model.safetensors"))
 
+    def same_weights() -> bool:
+        got = load_file(str(cut / "model.safetensors"))
+        return want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    # a crash after the last epoch's log line but before its checkpoint and the final weights
     shutil.rmtree(cut / "checkpoint" / "epoch-0002")
     (cut / "model.safetensors").unlink()
     assert _train_short(demo_build, cut) == 2  # refuses to clobber without --resume
+    epochs_trained.clear()
     assert _train_short(demo_build, cut, "--resume") == 0
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(cut / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert epochs_trained == [2]  # epochs 1 and 2 were not trained again
+    assert _log_epochs(cut) == [1, 2, 3]  # one line per epoch, the re-run one not doubled
+    assert same_weights()
+    # a power cut that left the newest checkpoint's state.json empty: resume warns, falls back
+    (cut / "checkpoint" / "epoch-0002" / "state.json").write_bytes(b"")
+    (cut / "model.safetensors").unlink()
+    capsys.readouterr()
+    epochs_trained.clear()
+    assert _train_short(demo_build, cut, "--resume") == 0
+    assert "skipping damaged checkpoint epoch-0002" in capsys.readouterr().out
+    assert epochs_trained == [2] and _log_epochs(cut) == [1, 2, 3] and same_weights()
+    # a crash between the checkpoint and its log line: the line comes back from the checkpoint
+    lines = (cut / "log.jsonl").read_text().splitlines()
+    (cut / "log.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:7])  # a torn last line
+    epochs_trained.clear()
+    assert _train_short(demo_build, cut, "--resume") == 0
+    assert epochs_trained == [] and _log_epochs(cut) == [1, 2, 3]
+    assert json.loads((cut / "log.jsonl").read_text().splitlines()[2]) == json.loads(lines[2])
     # a resume with another recipe is refused
     assert _train_short(demo_build, cut, "--resume", "--set", "stage1.lr=0.3") == 2
 

@@ -23,6 +23,19 @@ from fillup_data.errors import FillupError
 
 WEIGHTS_NAME = "world_classifier.safetensors"
 
+# Every world image is a pure function of the seed of its ``sample_world`` batch. Training step
+# ``s`` of a run with ``seed`` draws batch ``seed * SEED_STRIDE + s``, so a run's batches lie in
+# ``training_seeds(seed, steps)``; evaluation draws from EVAL_SEED up, above every training batch of
+# any allowed run (seed < MAX_TRAIN_SEED, steps <= SEED_STRIDE), so it never scores a training image.
+SEED_STRIDE = 1_000_003
+MAX_TRAIN_SEED = 1_000
+EVAL_SEED = MAX_TRAIN_SEED * SEED_STRIDE
+
+
+def training_seeds(seed: int, steps: int) -> range:
+    """The ``sample_world`` seeds of the batches ``train_classifier(seed=seed, steps=steps)`` trains on."""
+    return range(seed * SEED_STRIDE, seed * SEED_STRIDE + steps)
+
 
 class WorldClassifier(nn.Module):
     """4 conv stages (32x32 -> 4x4), global average pool, two linear heads."""
@@ -81,12 +94,16 @@ class ClassifierReport:
     n: int
 
 
-def evaluate_classifier(model: WorldClassifier, n: int = 4096, seed: int = 10_000) -> ClassifierReport:
-    """Accuracy on ``n`` fresh world images (seeds disjoint from training's)."""
+def evaluate_classifier(model: WorldClassifier, n: int = 4096, seed: int = EVAL_SEED, transform=None) -> ClassifierReport:
+    """Accuracy on ``n`` fresh world images (one batch of seed ``seed``, from EVAL_SEED up: never trained on);
+    ``transform`` maps each ``[B, 3, 32, 32]`` chunk first (a VAE round trip, say)."""
+    if seed < EVAL_SEED:
+        raise FillupError(f"evaluation seed {seed} may be a training batch's; use a seed >= EVAL_SEED ({EVAL_SEED})")
     model.eval()
     pixels, labels = _draw_batch(seed, n)
+    transform = transform or (lambda x: x)
     with torch.no_grad():
-        preds = [torch.stack([ls.argmax(1), lc.argmax(1)], 1) for ls, lc in (model(p) for p in pixels.split(256))]
+        preds = [torch.stack([ls.argmax(1), lc.argmax(1)], 1) for ls, lc in (model(transform(p)) for p in pixels.split(256))]
     pred = torch.cat(preds)
     ok = pred == labels
     return ClassifierReport(float(ok[:, 0].float().mean()), float(ok[:, 1].float().mean()), float(ok.all(1).float().mean()), n)
@@ -98,13 +115,15 @@ def train_classifier(
     """Train on fresh draws (a new batch every step), save safetensors to ``out`` (default: the package)."""
     from tqdm.auto import tqdm
 
+    if not (0 <= seed < MAX_TRAIN_SEED and 0 < steps <= SEED_STRIDE):
+        raise FillupError(f"seed must be in [0, {MAX_TRAIN_SEED}) and steps in [1, {SEED_STRIDE}] (evaluation seeds lie above)")
     torch.manual_seed(seed)
     model = WorldClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
     for step in tqdm(range(steps), desc="world classifier", disable=not progress):
-        pixels, labels = _draw_batch(seed * 1_000_003 + step, batch_size)
+        pixels, labels = _draw_batch(training_seeds(seed, steps)[step], batch_size)
         ls, lc = model(pixels)
         loss = F.cross_entropy(ls, labels[:, 0]) + F.cross_entropy(lc, labels[:, 1])
         opt.zero_grad(set_to_none=True)

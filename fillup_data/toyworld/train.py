@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,6 +75,16 @@ class ThreadTuner:
     def after_step(self) -> None:
         if self._trial is not None:
             self.times.setdefault(self._trial, []).append(time.perf_counter() - self._t0)
+
+
+@contextmanager
+def restored_num_threads():
+    """Give the caller back its torch thread count (a library call must not change it for good)."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _lr_at(cfg: GeneratorTrainConfig, step: int) -> float:
@@ -164,43 +175,44 @@ def train_generator(
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(tw.SCHEDULER_CONFIG)
-    tuner = ThreadTuner(options=(threads,) if threads else (2, 1))
-    bar = tqdm(total=cfg.steps, initial=step, desc="toyworld generator", unit="step", disable=not progress)
-    running, t_start = [], time.time()
-    while step < cfg.steps:
-        tuner.before_step(step)
-        latents, ids, _ = batch_for_step(cfg.seed, step, cfg.batch_size, tokenizer)
-        g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
-        noisy = sched.add_noise(latents, noise, t)
-        cond = text_encoder(ids)[0]
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(cfg, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        # EMA warm-up (as diffusers' EMAModel): early weights are not averaged in with full weight
-        _ema_update(ema, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        tuner.after_step()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FillupError(f"toyworld training diverged at step {step} (loss {loss_value}); lower the learning rate")
-        running.append(loss_value)
-        bar.update(1)
-        if step % log_every == 0:
-            entry = {"step": step, "loss": float(np.mean(running)), "lr": _lr_at(cfg, step - 1),
-                     "threads": tuner.current, "elapsed_s": round(time.time() - t_start, 1)}
-            log.append(entry)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", threads=tuner.current)
-            running = []
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_state(ckpt, unet, text_encoder, ema, optimizer, step, cfg, log)
-    bar.close()
+    with restored_num_threads():  # the tuner changes the process-wide thread count
+        tuner = ThreadTuner(options=(threads,) if threads else (2, 1))
+        bar = tqdm(total=cfg.steps, initial=step, desc="toyworld generator", unit="step", disable=not progress)
+        running, t_start = [], time.time()
+        while step < cfg.steps:
+            tuner.before_step(step)
+            latents, ids, _ = batch_for_step(cfg.seed, step, cfg.batch_size, tokenizer)
+            g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
+            noisy = sched.add_noise(latents, noise, t)
+            cond = text_encoder(ids)[0]
+            pred = unet(noisy, t, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred, noise)
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(cfg, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            # EMA warm-up (as diffusers' EMAModel): early weights are not averaged in with full weight
+            _ema_update(ema, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            tuner.after_step()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FillupError(f"toyworld training diverged at step {step} (loss {loss_value}); lower the learning rate")
+            running.append(loss_value)
+            bar.update(1)
+            if step % log_every == 0:
+                entry = {"step": step, "loss": float(np.mean(running)), "lr": _lr_at(cfg, step - 1),
+                         "threads": tuner.current, "elapsed_s": round(time.time() - t_start, 1)}
+                log.append(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", threads=tuner.current)
+                running = []
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save_state(ckpt, unet, text_encoder, ema, optimizer, step, cfg, log)
+        bar.close()
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(ema[k])

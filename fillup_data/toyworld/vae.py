@@ -3,8 +3,9 @@
 Why trained and not hand-set: both halves of a stock AutoencoderKL end in GroupNorm + SiLU, which
 no choice of weights turns into the identity, so exact ``pixel_unshuffle`` is out of reach. The
 shipped one (0.1M parameters, 1,000 steps) reaches 26.4 dB round-trip PSNR: shapes, colours and
-backgrounds survive, per-pixel noise is smoothed (the world classifier scores 99.2% on round-tripped
-images); the numbers are written to ``quality.json`` beside it. The
+backgrounds survive, per-pixel noise is smoothed (the world classifier's accuracy on round-tripped
+images is in benchmarks/RESULTS.md, from ``measure --parts classifier``); the numbers are written to
+``quality.json`` beside it. The
 encoder's log-variance channels are fixed at -30 (std 3e-7, the posterior is a point), so
 ``latent_dist.sample()`` equals ``latent_dist.mean`` for Textual Inversion. The decoder also sees
 slightly noisy latents in training, so the imperfect latents a sampler ends at decode cleanly.

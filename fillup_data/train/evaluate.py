@@ -87,7 +87,17 @@ def summarize(t: ClassTallies, groups: list[str]) -> dict[str, Any]:
     return out
 
 
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """A text cell a spreadsheet will not run as a formula (OWASP "CSV injection"): class names come from
+    a downloaded manifest, so one starting with = + - @ tab or CR gets a leading single quote."""
+    return "'" + cell if cell.startswith(FORMULA_TRIGGERS) else cell
+
+
 def write_per_class_csv(path: Path, t: ClassTallies, names: list[str], real: list[int], groups: list[str]) -> None:
+    """One row per class; numbers are written as numbers, text cells through ``spreadsheet_safe``."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["class_index", "class_name", "group", "real_train_count", "test_count", "top1_correct",
@@ -96,7 +106,7 @@ def write_per_class_csv(path: Path, t: ClassTallies, names: list[str], real: lis
             n = int(t.total[i])
             acc1 = f"{t.top1[i] / n * 100:.4f}" if n else ""
             acc5 = f"{t.top5[i] / n * 100:.4f}" if n else ""
-            w.writerow([i, name, groups[i], real[i], n, int(t.top1[i]), acc1, acc5])
+            w.writerow([i, spreadsheet_safe(str(name)), groups[i], real[i], n, int(t.top1[i]), acc1, acc5])
 
 
 def plot_per_class(path: Path, t: ClassTallies, real: list[int], many_above: int, few_below: int, title: str) -> None:

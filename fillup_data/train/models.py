@@ -110,6 +110,8 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    from fillup_data.train.checkpoint import replace_durably
+
     tmp = Path(str(path) + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    replace_durably(tmp, Path(path))

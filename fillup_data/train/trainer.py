@@ -25,7 +25,8 @@ from fillup_data import __version__
 from fillup_data.errors import FillupError
 from fillup_data.loader import TrainingData, make_loader
 from fillup_data.train.checkpoint import (
-    latest_checkpoint, load_checkpoint, read_json, save_checkpoint, write_json,
+    Checkpoint, fsync_file, last_good_checkpoint, latest_checkpoint, load_checkpoint, read_json, replace_durably,
+    save_checkpoint, write_json,
 )
 from fillup_data.train.config import TrainConfig
 from fillup_data.train.distributed import DistEnv, all_reduce_sum, barrier
@@ -73,11 +74,10 @@ def _record(req: TrainRequest, data: TrainingData, env: DistEnv) -> dict[str, An
     }
 
 
-def _prepare_run_dir(req: TrainRequest, record: dict[str, Any], env: DistEnv) -> Path | None:
-    """Create RUN or check it for --resume; return the checkpoint to resume from."""
+def _prepare_run_dir(req: TrainRequest, record: dict[str, Any], env: DistEnv) -> Checkpoint | None:
+    """Check RUN (fresh, or the same run for --resume); return the checkpoint to resume from."""
     run = req.out
     run_json = run / "run.json"
-    ckpt = latest_checkpoint(run) if run.exists() else None
     if req.resume:
         if not run_json.is_file():
             raise FillupError(f"{run}: nothing to resume (no run.json); drop --resume to start a new run")
@@ -88,8 +88,8 @@ def _prepare_run_dir(req: TrainRequest, record: dict[str, Any], env: DistEnv) ->
                     f"{run_json}: '{key}' differs from this command's; resume with the same --config/--set/"
                     "--data/--stage, or start a new --out"
                 )
-        return ckpt
-    if run_json.is_file() or ckpt is not None:
+        return last_good_checkpoint(run, warn=lambda msg: tqdm.write(f"warning: {msg}") if env.is_main else None)
+    if run_json.is_file() or (run.exists() and latest_checkpoint(run) is not None):
         raise FillupError(f"{run}: already holds a run; pass --resume to continue it or choose a new --out")
     return None
 
@@ -99,6 +99,32 @@ def _claim_run_dir(req: TrainRequest, record: dict[str, Any], env: DistEnv) -> N
     if env.is_main and not req.resume:
         req.out.mkdir(parents=True, exist_ok=True)
         write_json(req.out / "run.json", record)
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    entries = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line torn by the crash
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("epoch"), int):
+                entries.append(entry)
+    return entries
+
+
+def _truncate_log(run: Path, done_epochs: int, last: dict[str, Any] | None) -> None:
+    """On resume, ``log.jsonl`` keeps one line per finished epoch (1..done_epochs): lines of epochs that
+    will run again go (a crash after the log line but before the checkpoint), and the checkpoint's own
+    copy fills a line lost between checkpoint and log."""
+    path = run / "log.jsonl"
+    by_epoch = {e["epoch"]: e for e in _read_log(path) if 1 <= e["epoch"] <= done_epochs}
+    if last is not None and last.get("epoch") == done_epochs:
+        by_epoch[done_epochs] = last
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(by_epoch[k]) + "\n" for k in sorted(by_epoch)), encoding="utf-8")
+    replace_durably(tmp, path)
 
 
 def _init_from_stage1(model: nn.Module, init: Path, data: TrainingData) -> None:
@@ -195,6 +221,8 @@ def train(req: TrainRequest, env: DistEnv) -> Path:
             scaler.load_state_dict(scalars["scaler"])
         if env.is_main:
             tqdm.write(f"resuming {req.out} after epoch {start_epoch}/{stage.epochs}")
+    if req.resume and env.is_main:
+        _truncate_log(req.out, start_epoch, scalars.get("log") if resume_from is not None else None)
 
     net: nn.Module = model
     if env.distributed:
@@ -249,9 +277,10 @@ def train(req: TrainRequest, env: DistEnv) -> Path:
                  "images": int(totals[1]), "images_per_s": float(totals[1]) / seconds, "seconds": seconds, "step": step}
         if env.is_main:
             save_checkpoint(req.out, epoch, model, optimizer,
-                            {"step": step, "scaler": scaler.state_dict()})
+                            {"step": step, "scaler": scaler.state_dict(), "log": entry})
             with open(req.out / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
+            fsync_file(req.out / "log.jsonl")
             tqdm.write(f"stage {req.stage} epoch {epoch + 1}/{stage.epochs}: loss {entry['loss']:.4f}  "
                        f"lr {lr:.2e}  {entry['images_per_s']:.0f} images/s")
         barrier(env)
