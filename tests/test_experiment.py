@@ -2,6 +2,9 @@
 (the commands themselves are tested end to end in test_build, test_synthesis and test_train)."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 import fillup_data.experiment as experiment
 
@@ -45,8 +48,41 @@ def test_protocol_and_mean_std(tmp_path, monkeypatch):
     assert row["few"]["mean"] is None  # a group without classes stays empty, never NaN in JSON
     text = (tmp_path / "res" / "demo_experiment.md").read_text()
     assert "| CE baseline | 41.0 ± 1.0 | 51.0 ± 1.0 | 41.0 ± 1.0 | – |" in text
+    assert text.startswith(f"{result['provenance']['date']}, commit ") and "`python -m fillup_data.experiment" in text
     json.loads((tmp_path / "res" / "demo_experiment.json").read_text())  # valid JSON (no NaN)
     # relaunching does not retrain finished runs
     calls.clear()
     experiment.run(tmp_path / "r.yaml", tmp_path / "t.yaml", [0, 1, 2], tmp_path / "out", tmp_path / "res", [])
     assert not [c for c in calls if c[0] == "train"]
+
+
+def test_synthetic_fidelity_scores_each_class_of_a_real_build(tmp_path, monkeypatch):
+    """The README's fidelity table: a real build (demo source, single_template on toyworld) whose sampler
+    is replaced by the world's own drawing, so each class's true rate is known; green square and purple
+    square come out as circles (shape wrong, colour right)."""
+    from fillup_data.build import run_build
+    from fillup_data.recipe import load_recipe
+
+    from tests.test_toyworld import patch_world_oracle
+
+    patch_world_oracle(monkeypatch, {("square", "green"): "circle", ("square", "purple"): "circle"})
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "recipes" / "demo.yaml", [
+        "source.max_images=6", "source.min_images=2", "source.test_per_class=1", "fill.target=6",
+        "generator.strategy=single_template", "generator.prompt=a photo of a {class_name}",
+        "generator.num_inference_steps=1", "shards.max_samples=7",
+    ])
+    build = tmp_path / "build"
+    run_build(recipe, build, workers=1, progress=False, log=lambda *a: None)
+    fid = experiment.synthetic_fidelity(build)
+    per = fid["per_class"]
+    # real counts 6, 5, 4, 4, 3, 3, 2, 2, 2, 2 filled to 6: red circle has no synthetic image and no row
+    assert [(k, v["n"], v["real"]) for k, v in per.items()] == [
+        ("green square", 1, 5), ("blue triangle", 2, 4), ("yellow cross", 2, 4), ("purple ring", 3, 3),
+        ("cyan star", 3, 3), ("white diamond", 4, 2), ("orange hexagon", 4, 2), ("yellow circle", 4, 2),
+        ("purple square", 4, 2)]
+    for name, v in per.items():
+        wrong = name in ("green square", "purple square")
+        assert (v["both"], v["shape"], v["colour"]) == ((0.0, 0.0, 1.0) if wrong else (1.0, 1.0, 1.0)), name
+        assert v["group"] == "few"
+    assert fid["overall_both"] == pytest.approx(22 / 27)  # over images (27 - 1 - 4 of 27), not over classes (7/9)

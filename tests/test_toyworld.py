@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -22,26 +23,77 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 CHANCE = 1 / 64
-# measured (benchmarks/RESULTS.md "toyworld", guidance 3, 16 images per class): cyan circle 0.94,
-# purple ring 0.94 (seen); blue ring 0.81, white diamond 0.44 (held out); all-pair means 0.46 seen,
-# 0.31 held out. The test pairs are ones the shipped model draws reliably; thresholds ~half of that.
-SEEN_PAIRS = [("circle", "cyan"), ("ring", "purple")]
-HELD_PAIRS = [("ring", "blue"), ("diamond", "white")]
-SEEN_MIN, HELD_MIN, COLOUR_MIN = 0.5, 0.25, 0.6
+# Means over ALL pairs of a kind, measured by `python scripts/train_toyworld.py measure` with exactly
+# the tests' settings and seeds (fillup_data.toyworld.evaluate.prompt_check / inversion_check; the
+# numbers, date and commit are in benchmarks/RESULTS.md, "toyworld", "What the tests check").
+# Measured 2026-11-25, commit 9091338 (`measure --parts classifier checks --threads 2`), both right:
+# words, all 56 seen pairs 0.393 (22/56); all 8 held-out pairs 0.219 (7/32), colour 0.906;
+# Textual Inversion, the demo's 4 held-out classes, 0.094 (6/64), colour 0.453 (29/64); the same
+# tokens zeroed 0.000, colour 0.250. Chance: 1/64 both, 1/8 colour.
+SEEN_MIN, HELD_MIN, HELD_COLOUR_MIN = 0.25, 0.10, 0.70
+TI_MIN, TI_COLOUR_MIN = 0.045, 0.35  # >= 3 of 64 both right (chance: 1); zeroed tokens: 0 and 0.25
 PSNR_MIN = 22.0  # measured 26.4 dB round trip on 512 images
-# TI on blue ring (held out), 600 steps, 10 images: 0.81 both right at guidance 3 (words: 0.84)
-TI_CLASS, TI_STEPS, TI_MIN = ("ring", "blue"), 600, 0.3
 
 
 # ----------------------------------------------------------------------------- the world
 
 
-def test_draw_is_unchanged_for_the_same_seeds():
-    # pins the demo source's pixels: extending the world must not change existing images
+# The shapes are rasterised by Pillow's ImageDraw, whose polygon edges have changed between major
+# versions: pixels are bit-identical for one Pillow major version, so the hash is pinned per major
+# version and skipped (with the reason) on others. What the pixels mean is checked on every version
+# by test_shipped_classifier_is_accurate_on_images_it_never_trained_on and test_draw_semantics_*.
+DRAW_HASHES = {13: "79302eb3453092ed785ef6f5ad904e07e9ba821922699ae3ad330e76ea2a43af"}
+
+
+def _draw_hash() -> str:
     h = hashlib.sha256()
     for i, (s, c) in enumerate(world.world_classes(12)):
         h.update(np.asarray(world.draw(s, c, [0, 0, i, 3])[0]).tobytes())
-    assert h.hexdigest() == "79302eb3453092ed785ef6f5ad904e07e9ba821922699ae3ad330e76ea2a43af"
+    return h.hexdigest()
+
+
+def test_draw_is_unchanged_for_the_same_seeds():
+    # pins the demo source's pixels: extending the world must not change existing images
+    import PIL
+
+    major = int(PIL.__version__.split(".")[0])
+    if major not in DRAW_HASHES:
+        pytest.skip(f"pixel hash pinned for Pillow {sorted(DRAW_HASHES)}, this is Pillow {PIL.__version__}: "
+                    "its polygon rasteriser may move edge pixels; add its hash here once the drawings are checked")
+    assert _draw_hash() == DRAW_HASHES[major]
+    assert _draw_hash() == DRAW_HASHES[major]  # and within one process, every time
+
+
+@pytest.mark.parametrize("shape", world.SHAPES)
+def test_draw_semantics_the_shape_covers_its_geometric_area(shape):
+    """Version-independent: the rasterised mask covers the area of the shape asked for (±8%: Pillow counts edge pixels in, 1-5% today)."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    big, r, rot = 128, 30.0, 0.4
+    mask = Image.new("L", (big, big), 0)
+    world._draw_shape(ImageDraw.Draw(mask), shape, 64.0, 64.0, r, rot, 255)
+    covered = float(np.asarray(mask, dtype=np.float64).sum() / 255.0)
+
+    def polygon_area(pts):
+        return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]))) / 2
+
+    if shape == "circle":
+        want = math.pi * r * r
+    elif shape == "ring":
+        w = max(1, int(r * 0.38))
+        want = math.pi * (r * r - (r - w) ** 2)
+    elif shape == "cross":
+        w, arm = r * 0.42, r * 1.25
+        want = 2 * (2 * arm) * (2 * w) - (2 * w) ** 2
+    elif shape == "diamond":
+        want = 2 * (r * 0.75) * (r * 1.3)
+    else:
+        n, scale, inner = {"square": (4, 1.2, None), "triangle": (3, 1.25, None), "hexagon": (6, 1.1, None),
+                           "star": (5, 1.35, 0.42)}[shape]
+        want = polygon_area(world._polygon(64.0, 64.0, r * scale, n, rot, inner=inner))
+    assert covered == pytest.approx(want, rel=0.08), (shape, covered, want)
 
 
 def test_held_out_pairs_cover_the_demo_tail_and_leave_every_shape_and_colour_seen():
@@ -98,12 +150,20 @@ def test_bpe_merges_reproduce_single_tokens_even_for_overlapping_words():
 # ----------------------------------------------------------------------------- training code
 
 
-def test_generator_training_checkpoints_and_resumes(tmp_path):
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
+def test_generator_training_checkpoints_and_resumes(tmp_path, restore_threads):
     from fillup_data.toyworld.train import GeneratorTrainConfig, train_generator
 
     torch.set_num_threads(1)
     cfg = GeneratorTrainConfig(steps=2, batch_size=4, warmup_steps=1, checkpoint_every=1)
-    train_generator(tmp_path, cfg, progress=False, log_every=1, threads=1)
+    train_generator(tmp_path, cfg, progress=False, log_every=1, threads=2)
+    assert torch.get_num_threads() == 1  # the thread tuner's choice does not outlive the call
     state = json.loads((tmp_path / "generator" / "state.json").read_text())
     assert state["step"] == 2 and len(state["log"]) == 2
     cfg.steps = 3  # lengthening a run resumes from step 2
@@ -113,7 +173,7 @@ def test_generator_training_checkpoints_and_resumes(tmp_path):
         train_generator(tmp_path, GeneratorTrainConfig(steps=3, batch_size=8), progress=False, threads=1)
 
 
-def test_thread_tuner_keeps_the_faster_thread_count(monkeypatch):
+def test_thread_tuner_keeps_the_faster_thread_count(monkeypatch, restore_threads):
     from fillup_data.toyworld import train
 
     monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
@@ -126,7 +186,6 @@ def test_thread_tuner_keeps_the_faster_thread_count(monkeypatch):
         clock[0] += fake[torch.get_num_threads()]
         tuner.after_step()
     assert tuner.current == 1
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 # ----------------------------------------------------------------------------- shipped weights
@@ -143,15 +202,22 @@ def classifier():
 def toy_pipe():
     from fillup_data.toyworld import load_toyworld
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     return load_toyworld()
 
 
-def test_shipped_classifier_is_accurate(classifier):
-    from fillup_data.toyworld.classifier import evaluate_classifier
+def test_shipped_classifier_is_accurate_on_images_it_never_trained_on(classifier):
+    from safetensors import safe_open
 
-    report = evaluate_classifier(classifier, n=512, seed=777)
+    from fillup_data.toyworld.classifier import EVAL_SEED, default_weights_path, evaluate_classifier, training_seeds
+
+    with safe_open(str(default_weights_path()), "pt") as f:
+        trained = json.loads(f.metadata()["training"])
+    seen = training_seeds(trained["seed"], trained["steps"])
+    assert EVAL_SEED not in seen and EVAL_SEED > seen[-1]  # no evaluation batch is a training batch
+    report = evaluate_classifier(classifier, n=512)
     assert report.shape_accuracy >= 0.95 and report.colour_accuracy >= 0.98
+    with pytest.raises(FillupError, match="training batch"):
+        evaluate_classifier(classifier, n=8, seed=777)  # step 777's batch of the shipped run
 
 
 def test_shipped_pipeline_loads_with_stock_from_pretrained():
@@ -185,27 +251,88 @@ def test_shipped_vae_is_near_lossless_space_to_depth(toy_pipe):
     assert float(dist.std.max()) < 1e-5  # a point posterior: TI's latent samples equal the means
 
 
-def test_prompts_control_shape_and_colour_for_seen_and_held_out_pairs(toy_pipe, classifier):
-    from fillup_data.toyworld.evaluate import prompt_fidelity
+@pytest.mark.slow  # 88 images: about 12 s on 2 idle cores
+def test_prompts_control_shape_and_colour_over_all_seen_and_held_out_pairs(toy_pipe, classifier):
+    from fillup_data.toyworld.evaluate import prompt_check
 
-    assert not set(SEEN_PAIRS) & set(world.HELD_OUT) and set(HELD_PAIRS) <= set(world.HELD_OUT)
-    rs = prompt_fidelity(toy_pipe, classifier, SEEN_PAIRS, n_per=8, guidance=3.0, steps=20)
-    rh = prompt_fidelity(toy_pipe, classifier, HELD_PAIRS, n_per=8, guidance=3.0, steps=20)
-    assert rs.both >= SEEN_MIN, rs.per_class
-    assert rh.both >= HELD_MIN, rh.per_class
-    assert rh.colour >= COLOUR_MIN, rh.per_class
+    r = prompt_check(toy_pipe, classifier)
+    assert len(r["seen"].per_class) == 56 and len(r["held_out"].per_class) == 8
+    assert r["seen"].both >= SEEN_MIN, r["seen"].per_class
+    assert r["held_out"].both >= HELD_MIN, r["held_out"].per_class
+    assert r["held_out"].colour >= HELD_COLOUR_MIN, r["held_out"].per_class
 
 
 @pytest.mark.slow
-def test_textual_inversion_finds_a_held_out_class_from_ten_images(toy_pipe, classifier, tmp_path):
-    from fillup_data.toyworld.evaluate import (
-        generate_from_token,
-        invert_world_class,
-        score,
-    )
+def test_textual_inversion_recovers_the_demos_held_out_classes(toy_pipe, classifier, tmp_path):
+    from fillup_data.toyworld.evaluate import DEMO_HELD_OUT, inversion_check
 
-    shape, colour = TI_CLASS
-    path = invert_world_class(toy_pipe, shape, colour, n_images=10, steps=TI_STEPS, num_vectors=4, out_dir=tmp_path)
-    images = generate_from_token(toy_pipe, path, 16, guidance=3.0, steps=25)
-    s = score(classifier, images, shape, colour)
-    assert s["both"] >= TI_MIN, s
+    r = inversion_check(toy_pipe, classifier, tmp_path)
+    assert len(r["token"].per_class) == len(DEMO_HELD_OUT) == 4
+    assert r["token"].both >= TI_MIN, r["token"].per_class  # the mean over all four classes
+    assert r["token"].colour >= TI_COLOUR_MIN, r["token"].per_class
+    # the check needs the learned vectors: the same tokens zeroed fall under both thresholds
+    assert r["zeroed_token"].both < TI_MIN and r["zeroed_token"].colour < TI_COLOUR_MIN, r["zeroed_token"].per_class
+
+
+# ----------------------------------------------------------------------------- the tables' computation
+
+
+def patch_world_oracle(monkeypatch, drawn_as: dict[tuple[str, str], str] | None = None) -> None:
+    """Replace the diffusion sampler with the world's own drawing code, so every fidelity number is known:
+    each sample shows its class (named by its prompt, or by its token file's class name), except the
+    classes in ``drawn_as``, drawn with another shape (shape wrong, colour right). Everything around the
+    sampler (specs, class mapping, token files, scoring, averaging, tables) is the real code."""
+    from fillup_data.generation.generator import SyntheticGenerator
+    from fillup_data.inversion.token_file import read_token_file
+
+    drawn_as = drawn_as or {}
+
+    def sample(self, specs, seeds):
+        self.encode(specs)  # the real conditioning path: prompts, token files and their class checks
+        out = []
+        for spec, seed in zip(specs, seeds):
+            if self.cfg.strategy == "textual_inversion":
+                name = read_token_file(self.token_files[spec.class_index]).class_name
+            else:
+                name = self.class_names[spec.class_index]
+            colour, shape = name.split(" ", 1)
+            image, _ = world.draw(drawn_as.get((shape, colour), shape), colour, [int(seed), 0x0A])
+            out.append(np.asarray(image, dtype=np.float32) / 255.0)
+        return out
+
+    monkeypatch.setattr(SyntheticGenerator, "_sample_batch", sample)
+
+
+def test_measure_and_its_tables_report_what_was_generated(toy_pipe, classifier, monkeypatch, tmp_path):
+    from fillup_data.toyworld import evaluate
+
+    # purple square (a held-out pair and a demo tail class) comes out as a purple circle
+    patch_world_oracle(monkeypatch, {("square", "purple"): "circle"})
+    monkeypatch.setattr(evaluate, "CHECK_TI_STEPS", 2)
+    result = evaluate.measure(toy_pipe, classifier, n_per=2, steps=1, ti_classes=[("square", "purple"), ("ring", "blue")],
+                              ti_steps=2, parts=("words", "inversion", "checks"), work_dir=tmp_path, progress=False)
+    w = result["words"]
+    for g in (1, 3):
+        assert w[f"seen_g{g}"]["both"] == 1.0 and len(w[f"seen_g{g}"]["per_class"]) == 8
+        held = w[f"held_out_g{g}"]
+        assert held["per_class"]["purple square"] == {"both": 0.0, "shape": 0.0, "colour": 1.0, "n": 2}
+        assert all(v["both"] == 1.0 for k, v in held["per_class"].items() if k != "purple square")
+        assert (held["both"], held["shape"], held["colour"]) == (7 / 8, 7 / 8, 1.0)  # the mean over pairs
+    ti = result["inversion"]["classes"]
+    assert ti["purple square"]["token_g3"]["both"] == 0.0 and ti["purple square"]["token_g3"]["colour"] == 1.0
+    assert ti["blue ring"]["token_g1"] == {"both": 1.0, "shape": 1.0, "colour": 1.0, "n": 4}  # 2 * n_per images
+    k = result["checks"]
+    assert k["words_seen"]["both"] == 1.0 and len(k["words_seen"]["per_class"]) == 56
+    assert k["words_held_out"]["both"] == 7 / 8 and len(k["words_held_out"]["per_class"]) == 8
+    assert set(k["token"]["per_class"]) == {"white diamond", "orange hexagon", "yellow circle", "purple square"}
+    assert k["token"]["both"] == 3 / 4 and k["token"]["per_class"]["purple square"]["both"] == 0.0
+
+    md = evaluate.results_markdown(result, machine="test box", date="2026-01-02", command="measure --x", commit="abc1234")
+    assert "2026-01-02, commit abc1234, test box. Produced by `measure --x`" in md
+    assert "| held-out pairs (8) | 3 | 0.875 | 0.875 | 1.000 |" in md
+    assert "| seen pairs (8) | 1 | 1.000 | 1.000 | 1.000 |" in md
+    assert "both-right rate of 4 images per class" in md
+    assert re.search(r"\| purple square \| [\d.]+ \| 0\.000 \| 0\.000 \| 0\.000 \| 0\.000 \|", md)
+    assert re.search(r"\| blue ring \| [\d.]+ \| 1\.000 \| 1\.000 \| 1\.000 \| 1\.000 \|", md)
+    assert "| words, all 8 held-out pairs | 32 | 0.875 | 0.875 | 1.000 |" in md
+    assert "| Textual Inversion, the demo's 4 held-out classes (10 images, 2 steps, jointly) | 64 | 0.750 | 0.750 | 1.000 |" in md
