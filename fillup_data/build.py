@@ -27,7 +27,7 @@ from fillup_data.plan import Plan, ShardPlan, make_plan
 from fillup_data.recipe import Recipe, fingerprint, model_revision
 from fillup_data.shards.writer import remove_stale_temps
 from fillup_data.stages.assemble import assemble, drop_mismatched_shards
-from fillup_data.state import (LOCK_NAME, STATE_DIR, BuildLock, completed_shard, forget_shard, read_json_record,
+from fillup_data.state import (LOCK_NAME, shard_record_path, STATE_DIR, BuildLock, completed_shard, forget_shard, read_json_record,
                                save_shard_record, shard_record, verify_shard, write_json_atomic)
 
 # Everything a build writes into OUT (README "Output"): ``--force`` deletes these and nothing else.
@@ -202,6 +202,9 @@ class _Borrowed(Executor):
     def __init__(self, inner: Executor):
         self.inner = inner
 
+    def bind(self, factory) -> None:
+        self.inner.bind(factory)
+
     def run_phase(self, tasks, factory, state_dir, is_done):
         return self.inner.run_phase(tasks, factory, state_dir, is_done)
 
@@ -279,6 +282,71 @@ def read_progress(out: str | os.PathLike) -> BuildProgress:
         tokens = sum(1 for c in need_token if is_complete(token_path(out, c)))
     finished = read_json_record(out / "manifest.json") is not None
     return BuildProgress(done, len(shards), tokens, len(need_token), finished)
+
+
+def phase_lines(out: str | os.PathLike) -> list[str]:
+    """Per phase of a running or stopped build (any executor): done/total, tasks running now (rank
+    claims), failed tasks with their error, and for the synthetic phase images/s and an ETA, all read
+    from the build folder."""
+    from fillup_data.executors import read_status
+    from fillup_data.recipe import parse_stored_recipe
+    from fillup_data.stages.tasks import BuildRunner, build_phases
+
+    out = Path(out)
+    state = _state(out)
+    record = read_json_record(state / "build.json")
+    index = SourceIndex.read(state / "index.json")
+    if record is None or index is None or read_json_record(state / "plan.json") is None:
+        return ["phases: not planned yet (index and plan run first)"]
+    recipe = parse_stored_recipe(record["recipe"], str(state / "build.json"))
+    plan = make_plan(recipe, index)
+    probe = BuildRunner(recipe, out, progress=False)
+    probe._index, probe._plan = index, plan
+    phases = build_phases(recipe, plan)
+    names = {"real": "real shards", "invert": "inversion groups", "synthetic": "synthetic shards"}
+    lines = []
+    for k, (phase, status) in enumerate(zip(phases, read_status(state, phases, probe.is_done))):
+        kinds = sorted({t.id.split("/", 1)[0] for t in phase}, key=list(names).index)
+        line = f"phase {'AB'[k]} ({' + '.join(names[x] for x in kinds)}): {status.done}/{status.total} tasks done"
+        if kinds == ["synthetic"]:
+            line += _generation_rate(out, plan)
+        lines.append(line)
+        for claim in status.running:
+            owner = claim.get("owner", {})
+            lines.append(f"  running {claim.get('task')}: rank {owner.get('rank', '?')} on {owner.get('host', '?')} "
+                         f"(pid {owner.get('pid', '?')})")
+        for failure in status.failed:
+            lines.append(f"  FAILED {failure.get('task')}: {failure.get('error', '?')} "
+                         f"(traceback in {state / 'failed'})")
+    return lines
+
+
+def _generation_rate(out: Path, plan: Plan) -> str:
+    synthetic = [s for s in plan.shards if s.origin == "synthetic"]
+    done = [(shard_record_path(out, s.name).stat().st_mtime, len(s.samples)) for s in synthetic
+            if shard_done(out, s) is not None]
+    return rate_and_eta(done, sum(len(s.samples) for s in synthetic))
+
+
+def rate_and_eta(done: list[tuple[float, int]], total: int) -> str:
+    """``done``: (record time, images) per finished shard. Images/s from the first record to the last
+    (the first shard's images were made before the clock starts), and an ETA at that rate."""
+    made = sum(n for _, n in done)
+    text = f", {made:,}/{total:,} images"
+    if len(done) >= 2:
+        done = sorted(done)
+        span = done[-1][0] - done[0][0]
+        if span > 0:
+            rate = (made - done[0][1]) / span
+            text += f", {rate:.2f} images/s"
+            if made < total and rate > 0:
+                text += f", ETA {_duration((total - made) / rate)}"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def run_build(recipe: Recipe, out: str | os.PathLike, *, workers: int | None = None, force: bool = False,
@@ -389,6 +457,8 @@ class _OnceTasks:
             _claim_output(recipe, out, self.fingerprint, False, print, remove_temps=False)  # others may be writing
             _index_and_plan(recipe, out, self.workers, print)
             return {}
+        if task_id != "assemble":
+            raise KeyError(f"{task_id!r} is not a task of its own: only plan and assemble run once")
         index = load_or_build_index(recipe, out, self.workers)
         plan = make_plan(recipe, index)
         bad = drop_mismatched_shards(out, plan)
@@ -403,16 +473,22 @@ def _run_build_as_rank(recipe: Recipe, out: Path, fp: str, executor, workers: in
                        t0: float) -> BuildSummary:
     """One rank of W: plan and assemble run once (whichever rank claims them), the rest is shared
     through claims in the build folder; a rank that stops is taken over when its claims expire."""
-    from fillup_data.executors import TaskSpec, execute
+    from fillup_data.executors import RankExecutor, TaskSpec, execute
 
     _state(out).mkdir(parents=True, exist_ok=True)
     once = _OnceTasks(recipe.resolved(), str(out), fp, workers)
-    _raise_failures(execute([[TaskSpec("plan")]], once, _state(out), _Borrowed(executor)), out)
-    index = load_or_build_index(recipe, out, workers)
-    plan = make_plan(recipe, index)
-    todo = {s.path for s in plan.shards if shard_done(out, s) is None}
-    report = _run_tasks(recipe, plan, out, executor, progress, log)
-    log("[6/6] assemble (one rank)")
-    _raise_failures(execute([[TaskSpec("assemble")]], once, _state(out), _Borrowed(executor)), out)
+    # plan and assemble get an executor of their own: an executor's workers hold one factory's runner
+    once_executor = RankExecutor(executor.rank, executor.world_size, lease_seconds=executor.lease_seconds,
+                                 poll_seconds=executor.poll_seconds, device="cpu", num_threads=1)
+    try:
+        _raise_failures(execute([[TaskSpec("plan")]], once, _state(out), _Borrowed(once_executor)), out)
+        index = load_or_build_index(recipe, out, workers)
+        plan = make_plan(recipe, index)
+        todo = {s.path for s in plan.shards if shard_done(out, s) is None}
+        report = _run_tasks(recipe, plan, out, executor, progress, log)
+        log("[6/6] assemble (one rank)")
+        _raise_failures(execute([[TaskSpec("assemble")]], once, _state(out), _Borrowed(once_executor)), out)
+    finally:
+        once_executor.close()
     manifest = read_json_record(out / "manifest.json")
     return _summary(out, plan, manifest, todo, report, [], t0, executor.notes())

@@ -94,9 +94,11 @@ def _executor(args):
 
 
 def cmd_status(args) -> int:
-    from fillup_data.build import read_progress
+    from fillup_data.build import phase_lines, read_progress
 
     print(read_progress(args.out).format(Path(args.out)))
+    for line in phase_lines(args.out):
+        print(line)
     return 0
 
 

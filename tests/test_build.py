@@ -489,14 +489,27 @@ def test_status_counts_what_a_relaunch_would_skip(tmp_path, monkeypatch, capsys)
     with pytest.raises(KeyboardInterrupt):
         run_build(recipe, out, **QUIET)
     assert main(["status", str(out)]) == 0
-    assert capsys.readouterr().out == f"{out}: in progress; shards 2/4 done\n"
+    assert capsys.readouterr().out.splitlines() == [f"{out}: in progress; shards 2/4 done",
+                                                    "phase A (real shards): 2/4 tasks done"]
     done = sorted((out / "data").glob("*.tar"))
     done[0].write_bytes(done[0].read_bytes()[:512])  # a shard damaged since: a relaunch rewrites it
     (out / ".fillup" / "shards" / "train-real-00002.json").write_text("")  # an empty record: not done
     assert main(["status", str(out)]) == 0
-    assert capsys.readouterr().out == f"{out}: in progress; shards 1/4 done\n"
+    assert capsys.readouterr().out.splitlines() == [f"{out}: in progress; shards 1/4 done",
+                                                    "phase A (real shards): 1/4 tasks done"]
     monkeypatch.setattr(real_stage, "write_real_shard", real_write)
     summary = run_build(recipe, out, **QUIET)
     assert (summary.shards_written, summary.shards_reused) == (3, 1)
     assert main(["status", str(out)]) == 0
-    assert capsys.readouterr().out == f"{out}: finished; shards 4/4 done\n"
+    assert capsys.readouterr().out.splitlines() == [f"{out}: finished; shards 4/4 done",
+                                                    "phase A (real shards): 4/4 tasks done"]
+
+
+def test_generation_rate_and_eta_from_record_times():
+    from fillup_data.build import rate_and_eta
+
+    assert rate_and_eta([], 100) == ", 0/100 images"
+    assert rate_and_eta([(50.0, 10)], 100) == ", 10/100 images"  # one shard: no clock yet
+    # 3 shards of 10 recorded at t=0, 10, 20: 20 images in 20 s -> 1 image/s; 70 left -> 70 s
+    assert rate_and_eta([(20.0, 10), (0.0, 10), (10.0, 10)], 100) == ", 30/100 images, 1.00 images/s, ETA 1m10s"
+    assert rate_and_eta([(0.0, 10), (2.0, 40)], 50) == ", 50/50 images, 20.00 images/s"  # finished: no ETA

@@ -443,3 +443,86 @@ def test_ray_node_removed_mid_run_its_task_is_retried_elsewhere(ray_cluster, tmp
     assert report.ok, report.format()
     assert caught[0] in [task for task, _ in report.retries]
     assert outputs(tmp_path) == reference
+
+
+def test_an_executor_serves_one_factory(tmp_path):
+    """Workers keep the runner their factory made: a second factory must not be run by them."""
+    first, second = ToyFactory.for_phases(tmp_path / "a", PHASES), ToyFactory.for_phases(tmp_path / "b", PHASES)
+    executor = LocalExecutor()
+    executor.bind(first)
+    executor.bind(ToyFactory.for_phases(tmp_path / "a", PHASES))  # an equal factory is the same one
+    with pytest.raises(ValueError, match="already runs tasks"):
+        execute(PHASES, second, tmp_path / "state", executor)
+
+
+# --- the real build on each executor -------------------------------------------------------------------
+# A small Textual Inversion build of the demo source on the tiny pipeline: every file under data/ and
+# tokens/ must not depend on which executor, or how many workers, made it. On CPU, torch's thread count
+# decides the last bits of a float sum, so the reference is built with the threads each worker gets.
+
+def _local_build(tmp_path_factory, threads: int) -> Path:
+    import torch
+
+    from fillup_data.build import run_build
+    from tests.test_synthesis import QUIET, mini
+
+    out = tmp_path_factory.mktemp(f"local-ti-{threads}") / "out"
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_build(mini(), out, **QUIET)
+    finally:
+        torch.set_num_threads(saved)
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_ti_build_1_thread(tmp_path_factory):
+    return _local_build(tmp_path_factory, 1)
+
+
+@pytest.fixture(scope="module")
+def local_ti_build_2_threads(tmp_path_factory):
+    return _local_build(tmp_path_factory, 2)
+
+
+def tree_bytes(out: Path) -> dict[str, bytes]:
+    files = {str(p.relative_to(out)): p.read_bytes() for sub in ("data", "tokens")
+             for p in sorted((out / sub).rglob("*")) if p.is_file()}
+    assert any(k.startswith("tokens/diffusers/") for k in files) and any(k.startswith("data/train-synthetic") for k in files)
+    return files
+
+
+@pytest.mark.slow
+def test_build_on_ray_gives_the_local_bytes(ray_cluster, local_ti_build_1_thread, tmp_path):
+    from fillup_data.build import run_build
+    from tests.test_synthesis import QUIET, mini
+
+    out = tmp_path / "out"
+    executor = ray_executor()  # 2 logical GPUs on 2 cores: two model actors of one thread each
+    summary = run_build(mini(), out, executor=executor, **QUIET)
+    assert summary.shards_written == summary.shards and summary.tokens_trained == 9
+    assert tree_bytes(out) == tree_bytes(local_ti_build_1_thread)
+    assert (out / "index.parquet").read_bytes() == (local_ti_build_1_thread / "index.parquet").read_bytes()
+
+
+@pytest.mark.slow
+def test_build_as_three_ranks_gives_the_local_bytes(local_ti_build_2_threads, tmp_path):
+    from tests.test_synthesis import DEMO, MINI
+
+    out = tmp_path / "out"
+    args = [a for kv in MINI for a in ("--set", kv)]
+    procs = [subprocess.Popen([sys.executable, "-m", "fillup_data.cli", "build", str(DEMO), "--out", str(out),
+                               "--quiet", "--workers", "1", "--rank", str(r), "--world-size", "3",
+                               "--lease-seconds", "60", "--poll-seconds", "0.2", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+             for r in range(3)]
+    results = [p.communicate(timeout=900) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr[-3000:]
+        assert "build finished" in stdout
+    assert tree_bytes(out) == tree_bytes(local_ti_build_2_threads)  # each rank: 2 threads (cores / local ranks)
+    assert (out / "index.parquet").read_bytes() == (local_ti_build_2_threads / "index.parquet").read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"] == json.loads((local_ti_build_2_threads / "manifest.json").read_text())["shards"]

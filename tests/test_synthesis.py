@@ -3,6 +3,7 @@ datasets client, regeneration from metadata, and a build killed twice that resum
 
 import io
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import fillup_data.inversion as inversion
 import fillup_data.synthesis as synthesis
 from fillup_data.build import run_build
+from fillup_data.errors import FillupError
 from fillup_data.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
@@ -126,7 +128,10 @@ def test_killed_twice_resumes_to_identical_bytes(ti_build, tmp_path, monkeypatch
         run_build(mini(), out, **QUIET)
     assert (out / "tokens" / "00003.partial.safetensors").is_file()
     assert main(["status", str(out)]) == 0  # 7 real shards done; 9 classes invert in one pass, none finished
-    assert capsys.readouterr().out == f"{out}: in progress; shards 7/10 done; tokens 0/9 done\n"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"{out}: in progress; shards 7/10 done; tokens 0/9 done",
+                         "phase A (real shards + inversion groups): 7/8 tasks done"]
+    assert re.fullmatch(r"phase B \(synthetic shards\): 0/3 tasks done, 0/\d+ images", lines[2]) and len(lines) == 3
     monkeypatch.setattr(inversion, "invert_classes", real_invert)
 
     partial = []
@@ -148,7 +153,10 @@ def test_killed_twice_resumes_to_identical_bytes(ti_build, tmp_path, monkeypatch
     done = records_of(out)
     assert len(done) == 8 and "data/train-synthetic-00000.tar" in done  # 7 real + the first synthetic
     assert main(["status", str(out)]) == 0
-    assert capsys.readouterr().out == f"{out}: in progress; shards 8/10 done; tokens 9/9 done\n"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"{out}: in progress; shards 8/10 done; tokens 9/9 done",
+                         "phase A (real shards + inversion groups): 8/8 tasks done"]
+    assert re.fullmatch(r"phase B \(synthetic shards\): 1/3 tasks done, \d+/\d+ images", lines[2])
     monkeypatch.setattr(synthesis, "ShardWriter", ShardWriter)
     summary = run_build(mini(), out, **QUIET)
     assert (summary.shards_reused, summary.shards_written, summary.tokens_trained) == (8, 2, 0)
@@ -176,7 +184,24 @@ def test_status_after_some_classes_are_inverted(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in (out / "tokens").glob("*.safetensors")) == [
         "00001.safetensors", "00002.safetensors", "00003.partial.safetensors"]
     assert main(["status", str(out)]) == 0
-    assert capsys.readouterr().out == f"{out}: in progress; shards 7/10 done; tokens 2/9 done\n"
+    assert capsys.readouterr().out.splitlines()[:2] == [f"{out}: in progress; shards 7/10 done; tokens 2/9 done",
+                                                        "phase A (real shards + inversion groups): 9/16 tasks done"]
+
+    def broken(pipe, jobs, **kw):  # an application error: recorded with its traceback, the build stops
+        raise RuntimeError(f"boom in class {jobs[0].class_index}")
+
+    monkeypatch.setattr(inversion, "invert_classes", broken)
+    # every task of the phase is tried (each group fails on its own), then the build stops before phase B
+    with pytest.raises(FillupError, match=r"7 task\(s\) failed .*\n  invert/g00002: RuntimeError: boom in class 3\n"):
+        run_build(recipe, out, **QUIET)
+    record = json.loads((out / ".fillup" / "failed" / "invert+g00002.json").read_text())
+    assert record["task"] == "invert/g00002" and "Traceback" in record["traceback"]
+    assert main(["status", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "phase A (real shards + inversion groups): 9/16 tasks done"
+    assert lines[2].startswith("  FAILED invert/g00002: RuntimeError: boom in class 3 (traceback in ")
+    assert len([x for x in lines if x.startswith("  FAILED invert/")]) == 7
+    assert not list((out / "data").glob("train-synthetic-*.tar"))  # phase B never started
 
 
 def test_sigkill_mid_shard_then_relaunch_gives_identical_bytes(ti_build, tmp_path):

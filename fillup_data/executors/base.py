@@ -120,7 +120,20 @@ class ExecutionReport:
 
 
 class Executor(ABC):
-    """Runs the tasks of one phase to completion (or failure); keeps its workers between phases."""
+    """Runs the tasks of one phase to completion (or failure); keeps its workers between phases.
+
+    Workers keep the runner their factory made, so an executor serves one factory for its life:
+    ``execute`` binds it, and a different factory is refused rather than silently run by the old runners.
+    """
+
+    _factory: RunnerFactory | None = None
+
+    def bind(self, factory: RunnerFactory) -> None:
+        if self._factory is None:
+            self._factory = factory
+        elif factory != self._factory:
+            raise ValueError(f"{type(self).__name__} already runs tasks for {self._factory!r}; use another "
+                             f"executor for {factory!r} (its workers hold runners of the first factory)")
 
     @abstractmethod
     def run_phase(self, tasks: list[TaskSpec], factory: RunnerFactory, state_dir: Path,
@@ -143,6 +156,7 @@ def execute(phases: list[list[TaskSpec]], factory: RunnerFactory, state_dir: str
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     _check_unique_ids(phases)
+    executor.bind(factory)
     report = ExecutionReport()
     try:
         for k, phase in enumerate(phases):
