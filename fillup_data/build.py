@@ -385,6 +385,7 @@ def _run_build(recipe: Recipe, out: Path, executor: Executor, workers: int, forc
         _claim_output(recipe, out, fp, force, log)
         index, plan = _index_and_plan(recipe, out, workers, log)
         written, report = _phase_ab(recipe, plan, index, out, executor, workers, progress, log)
+        _drop_dead_temps(out, log)  # every task is done and we hold the lock: a temp left is a lost worker's
         log("[6/6] assemble  verify every shard's sha256, then manifest, index.parquet, dataset card")
         rewritten = drop_mismatched_shards(out, plan)
         if rewritten:  # the lock keeps other builds out, so this is damage on disk: one more pass repairs it
@@ -398,6 +399,12 @@ def _run_build(recipe: Recipe, out: Path, executor: Executor, workers: int, forc
                                   f"process writing into {out}? Stop it and relaunch")
         manifest = assemble(recipe, plan, index, out, fp, rewritten)
     return _summary(out, plan, manifest, written, report, rewritten, t0, executor.notes())
+
+
+def _drop_dead_temps(out: Path, log, idle_seconds: float | None = None) -> None:
+    dead = remove_stale_temps(out / "data", idle_seconds)
+    if dead:
+        log(f"removed {len(dead)} partial shard file(s) of workers lost mid-shard: {', '.join(dead[:5])}")
 
 
 def _index_and_plan(recipe: Recipe, out: Path, workers: int, log) -> tuple[SourceIndex, Plan]:
@@ -433,6 +440,7 @@ class _OnceTasks:
     out: str
     fingerprint: str
     workers: int
+    lease_seconds: float
 
     def __call__(self, worker=None) -> "_OnceTasks":
         return self
@@ -461,6 +469,8 @@ class _OnceTasks:
             raise KeyError(f"{task_id!r} is not a task of its own: only plan and assemble run once")
         index = load_or_build_index(recipe, out, self.workers)
         plan = make_plan(recipe, index)
+        # a temp nobody has written to for a lease belongs to a rank that died mid-shard
+        _drop_dead_temps(out, print, self.lease_seconds)
         bad = drop_mismatched_shards(out, plan)
         if bad:
             raise FillupError(f"{', '.join(bad)}: differed from their completion records and were dropped; "
@@ -476,7 +486,7 @@ def _run_build_as_rank(recipe: Recipe, out: Path, fp: str, executor, workers: in
     from fillup_data.executors import RankExecutor, TaskSpec, execute
 
     _state(out).mkdir(parents=True, exist_ok=True)
-    once = _OnceTasks(recipe.resolved(), str(out), fp, workers)
+    once = _OnceTasks(recipe.resolved(), str(out), fp, workers, executor.lease_seconds)
     # plan and assemble get an executor of their own: an executor's workers hold one factory's runner
     once_executor = RankExecutor(executor.rank, executor.world_size, lease_seconds=executor.lease_seconds,
                                  poll_seconds=executor.poll_seconds, device="cpu", num_threads=1)

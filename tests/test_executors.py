@@ -526,3 +526,93 @@ def test_build_as_three_ranks_gives_the_local_bytes(local_ti_build_2_threads, tm
     assert (out / "index.parquet").read_bytes() == (local_ti_build_2_threads / "index.parquet").read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shards"] == json.loads((local_ti_build_2_threads / "manifest.json").read_text())["shards"]
+
+
+def _sigkill_writer_of(pattern: str, folder: Path, deadline_s: float, killed: list) -> None:
+    """Watch ``folder`` for a shard being written (its ``.tmp``) and SIGKILL the process writing it,
+    found by its open file descriptor: what the OOM killer or a node failure does to a worker."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end and not killed:
+        for tmp in folder.glob(pattern):
+            for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+                try:
+                    holds = any(os.readlink(fd) == str(tmp) for fd in fd_dir.iterdir())
+                except OSError:
+                    continue
+                if holds:
+                    pid = int(fd_dir.parent.name)
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append((pid, tmp.name))
+                    return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_ray_actor_sigkilled_mid_synthetic_shard_build_completes_identical(ray_cluster, local_ti_build_1_thread,
+                                                                            tmp_path):
+    from fillup_data.build import run_build
+    from tests.test_synthesis import QUIET, mini
+
+    out = tmp_path / "out"
+    killed: list = []
+    watcher = threading.Thread(target=_sigkill_writer_of, daemon=True,
+                               args=("train-synthetic-*.tmp", out / "data", 600, killed))
+    watcher.start()
+    summary = run_build(mini(), out, executor=ray_executor(), **QUIET)
+    watcher.join(timeout=5)
+    assert killed and killed[0][0] != os.getpid(), "no actor was caught writing a synthetic shard"
+    retried = summary.extra["task_retries"]
+    assert len(retried) == 1 and retried[0][0].startswith("synthetic/"), retried
+    assert "task retried after its worker was lost: synthetic/" in summary.format()
+    assert not list((out / "data").glob("*.tmp"))
+    assert tree_bytes(out) == tree_bytes(local_ti_build_1_thread)
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
+
+
+@pytest.mark.slow
+def test_ray_node_removed_mid_shard_build_completes_identical(ray_cluster, local_ti_build_1_thread,
+                                                                         tmp_path):
+    from fillup_data.build import run_build
+    from tests.test_synthesis import QUIET, mini
+
+    node = ray_cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
+    raylet = node.all_processes["raylet"][0].process.pid
+    out = tmp_path / "out"
+    removed: list = []
+
+    def remove_the_node_while_it_writes_a_shard():
+        end = time.monotonic() + 600
+        while time.monotonic() < end and not removed:
+            for tmp in (out / "data").glob("*.tmp"):
+                for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+                    try:
+                        holds = any(os.readlink(fd) == str(tmp) for fd in fd_dir.iterdir())
+                    except OSError:
+                        continue
+                    if holds and _descends_from(int(fd_dir.parent.name), raylet):
+                        ray_cluster.remove_node(node, allow_graceful=False)
+                        removed.append(tmp.name)
+                        return
+            time.sleep(0.02)
+
+    remover = threading.Thread(target=remove_the_node_while_it_writes_a_shard, daemon=True)
+    remover.start()
+    executor = ray_executor()
+    assert executor._pools[True].capacity == 3  # the third model actor can only live on the new node
+    summary = run_build(mini(), out, executor=executor, **QUIET)
+    remover.join(timeout=5)
+    assert removed, "the new node never wrote a shard"
+    shard = removed[0].split(".", 1)[0]
+    task = ("synthetic/" if "synthetic" in shard else "real/") + shard
+    assert task in [t for t, _ in summary.extra["task_retries"]], summary.extra["task_retries"]
+    assert tree_bytes(out) == tree_bytes(local_ti_build_1_thread)

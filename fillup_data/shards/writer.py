@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,13 +218,17 @@ def show_undecodable(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def remove_stale_temps(folder: Path) -> list[str]:
-    """Delete the temporary shard files a killed build left in ``folder``; only safe while this
-    process holds the build lock (no other writer can be using them).  Returns their names."""
+def remove_stale_temps(folder: Path, idle_seconds: float | None = None) -> list[str]:
+    """Delete the temporary shard files a killed build or worker left in ``folder``.  Without
+    ``idle_seconds`` only safe while no other writer can be using them (this process holds the build
+    lock and its workers are done); with it, only temps not written to for that long go (a live writer
+    streams into its temp).  Returns their names."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".tmp") and ".tar." in p.name)
+    cutoff = None if idle_seconds is None else time.time() - idle_seconds
+    stale = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".tmp") and ".tar." in p.name
+                   and (cutoff is None or p.stat().st_mtime < cutoff))
     for p in stale:
         p.unlink(missing_ok=True)
     return [p.name for p in stale]
