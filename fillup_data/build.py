@@ -27,8 +27,8 @@ from fillup_data.plan import Plan, ShardPlan, make_plan
 from fillup_data.recipe import Recipe, fingerprint, model_revision
 from fillup_data.shards.writer import remove_stale_temps
 from fillup_data.stages.assemble import assemble, drop_mismatched_shards
-from fillup_data.state import (LOCK_NAME, shard_record_path, STATE_DIR, BuildLock, completed_shard, forget_shard, read_json_record,
-                               save_shard_record, shard_record, verify_shard, write_json_atomic)
+from fillup_data.state import (LOCK_NAME, STATE_DIR, BuildLock, completed_shard, read_json_record, save_shard_record,
+                               shard_record_path, write_json_atomic)
 
 # Everything a build writes into OUT (README "Output"): ``--force`` deletes these and nothing else.
 BUILD_OUTPUTS = ("data", "tokens", "assets", STATE_DIR, "manifest.json", "index.parquet", "README.md", "report.json")

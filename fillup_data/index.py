@@ -63,17 +63,9 @@ class SourceIndex:
 
     def save(self, path: Path) -> None:
         """Atomic and durable: a crash leaves the old record or the new one, never a torn one."""
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        from fillup_data.state import write_bytes_durably
+
+        write_bytes_durably(path, json.dumps(self.to_json()).encode("utf-8"))
 
     @classmethod
     def load(cls, path: Path) -> "SourceIndex":

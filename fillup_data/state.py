@@ -81,9 +81,32 @@ def replace_durably(tmp: Path, path: Path) -> None:
 
 
 def unique_temp_path(path: Path) -> Path:
-    """``NAME.PID-RANDOM.tmp`` beside ``path``: two processes never write the same temporary file."""
+    """``NAME.PID-RANDOM@HOST.tmp`` beside ``path``: two processes never write the same temporary file,
+    and a reader can tell whether the writer was a process of this host that is gone."""
     path = Path(path)
-    return path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    return path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}@{socket.gethostname()}.tmp")
+
+
+def temp_writer(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that named a temp file ``unique_temp_path``, or None."""
+    if not name.endswith(".tmp") or "@" not in name:
+        return None
+    stem, host = name[: -len(".tmp")].rsplit("@", 1)
+    pid = stem.rsplit(".", 1)[-1].split("-", 1)[0]
+    return (host, int(pid)) if pid.isdigit() else None
+
+
+def process_gone_on_this_host(host: str, pid: int) -> bool:
+    """True only when ``pid`` ran on this host and no longer exists (a reused pid reads as alive)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def encode_json(path: Path, data) -> bytes:

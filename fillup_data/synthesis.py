@@ -21,7 +21,6 @@ from fillup_data.recipe import Recipe, model_revision
 from fillup_data.shards.manifest import index_row
 from fillup_data.shards.writer import ShardWriter, encode_image
 from fillup_data.sources import ImageLoadError, SourceItem, open_source
-from fillup_data.state import completed_shard, save_shard_record, shard_record
 
 # Images generated per chunk before they are encoded into the shard: bounded memory per shard.
 _CHUNK_BATCHES = 8

@@ -506,26 +506,58 @@ def test_build_on_ray_gives_the_local_bytes(ray_cluster, local_ti_build_1_thread
     assert (out / "index.parquet").read_bytes() == (local_ti_build_1_thread / "index.parquet").read_bytes()
 
 
-@pytest.mark.slow
-def test_build_as_three_ranks_gives_the_local_bytes(local_ti_build_2_threads, tmp_path):
+def _rank_build(out: Path, rank: int, *extra: str) -> subprocess.Popen:
     from tests.test_synthesis import DEMO, MINI
 
-    out = tmp_path / "out"
     args = [a for kv in MINI for a in ("--set", kv)]
-    procs = [subprocess.Popen([sys.executable, "-m", "fillup_data.cli", "build", str(DEMO), "--out", str(out),
-                               "--quiet", "--workers", "1", "--rank", str(r), "--world-size", "3",
-                               "--lease-seconds", "60", "--poll-seconds", "0.2", *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-             for r in range(3)]
-    results = [p.communicate(timeout=900) for p in procs]
-    for p, (stdout, stderr) in zip(procs, results):
+    return subprocess.Popen([sys.executable, "-m", "fillup_data.cli", "build", str(DEMO), "--out", str(out),
+                             "--quiet", "--workers", "1", "--rank", str(rank), "--world-size", "3",
+                             "--poll-seconds", "0.2", *extra, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _assert_rank_build_matches(out: Path, local: Path) -> None:
+    assert tree_bytes(out) == tree_bytes(local)  # each rank: 2 threads (the cores / local ranks)
+    assert (out / "index.parquet").read_bytes() == (local / "index.parquet").read_bytes()
+    assert (json.loads((out / "manifest.json").read_text())["shards"]
+            == json.loads((local / "manifest.json").read_text())["shards"])
+
+
+@pytest.mark.slow
+def test_build_as_three_ranks_gives_the_local_bytes(local_ti_build_2_threads, tmp_path):
+    out = tmp_path / "out"
+    procs = [_rank_build(out, r, "--lease-seconds", "60") for r in range(3)]
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=900)
         assert p.returncode == 0, stderr[-3000:]
         assert "build finished" in stdout
-    assert tree_bytes(out) == tree_bytes(local_ti_build_2_threads)  # each rank: 2 threads (cores / local ranks)
-    assert (out / "index.parquet").read_bytes() == (local_ti_build_2_threads / "index.parquet").read_bytes()
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["shards"] == json.loads((local_ti_build_2_threads / "manifest.json").read_text())["shards"]
+    _assert_rank_build_matches(out, local_ti_build_2_threads)
+
+
+@pytest.mark.slow
+def test_rank_killed_mid_shard_then_ranks_started_later_finish_identical(local_ti_build_2_threads, tmp_path):
+    """Rank 0 starts alone and does the others' share too; it is SIGKILLed while it streams a synthetic
+    shard. Ranks 1 and 2 start later, rank 0 is re-run: the dead rank's claim (its pid is gone on this
+    host) is taken over at once, though its lease has 10 minutes left."""
+    out = tmp_path / "out"
+    first = _rank_build(out, 0, "--lease-seconds", "600")
+    killed: list = []
+    _sigkill_writer_of("train-synthetic-*.tmp", out / "data", 600, killed)
+    first.communicate(timeout=60)
+    assert killed and killed[0][0] == first.pid and first.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists()
+    later = [_rank_build(out, r, "--lease-seconds", "600") for r in (1, 2)]
+    time.sleep(1.0)
+    later.append(_rank_build(out, 0, "--lease-seconds", "600"))
+    outputs = []
+    for p in later:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-3000:]
+        outputs.append(stdout)
+    assert sum("task retried after its worker was lost: synthetic/train-synthetic-" in o for o in outputs) == 1
+    assert not list((out / "data").glob("*.tmp"))  # the dead rank's temp: its pid is gone on this host
+    _assert_rank_build_matches(out, local_ti_build_2_threads)
 
 
 def _sigkill_writer_of(pattern: str, folder: Path, deadline_s: float, killed: list) -> None:
@@ -616,3 +648,48 @@ def test_ray_node_removed_mid_shard_build_completes_identical(ray_cluster, local
     task = ("synthetic/" if "synthetic" in shard else "real/") + shard
     assert task in [t for t, _ in summary.extra["task_retries"]], summary.extra["task_retries"]
     assert tree_bytes(out) == tree_bytes(local_ti_build_1_thread)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_claim_of_a_process_gone_from_this_host_is_taken_over_at_once(tmp_path):
+    import socket
+
+    store = ClaimStore(tmp_path, rank=1, lease_seconds=3600)
+    path = store.path("synthetic/train-synthetic-00000")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    far = time.time() + 3600
+    for owner, taken in ([{"host": socket.gethostname(), "pid": os.getpid(), "rank": 0, "nonce": "alive"}, False],
+                         [{"host": "another-host", "pid": _dead_pid(), "rank": 0, "nonce": "elsewhere"}, False],
+                         [{"host": socket.gethostname(), "pid": _dead_pid(), "rank": 0, "nonce": "dead"}, True]):
+        path.write_text(json.dumps({"task": "synthetic/train-synthetic-00000", "owner": owner, "expires": far}))
+        held, stale = store.try_claim("synthetic/train-synthetic-00000")
+        assert (held is not None) == taken, owner
+        assert (stale is not None and stale["owner"]["nonce"] == "dead") == taken
+
+
+def test_partial_shards_of_lost_writers_are_removed_and_live_ones_kept(tmp_path):
+    import socket
+
+    from fillup_data.shards.writer import remove_stale_temps
+    from fillup_data.state import temp_writer, unique_temp_path
+
+    here = socket.gethostname()
+    mine = unique_temp_path(tmp_path / "train-synthetic-00000.tar")
+    assert temp_writer(mine.name) == (here, os.getpid())
+    dead = tmp_path / f"train-synthetic-00001.tar.{_dead_pid()}-0a1b2c3d@{here}.tmp"
+    remote = tmp_path / f"train-synthetic-00002.tar.{_dead_pid()}-0a1b2c3d@another-host.tmp"
+    old_format = tmp_path / "train-synthetic-00003.tar.1234-0a1b2c3d.tmp"
+    for p in (mine, dead, remote, old_format):
+        p.write_bytes(b"partial")
+    # rank builds: only what cannot be written any more goes (a lost writer of this host, or idle for a lease)
+    assert remove_stale_temps(tmp_path, idle_seconds=3600) == [dead.name]
+    old = time.time() - 7200
+    os.utime(remote, (old, old))
+    assert remove_stale_temps(tmp_path, idle_seconds=3600) == [remote.name]
+    # a driver build that holds the lock, every task done: every temp left is a lost worker's
+    assert remove_stale_temps(tmp_path) == sorted([mine.name, old_format.name])

@@ -8,6 +8,8 @@ stale claim's nonce, so of several ranks seeing the same stale claim exactly one
 that wins the lock re-reads the claim and gives up if it changed meanwhile.
 
 Expiry is wall-clock time: hosts sharing a build folder need clocks within a small part of the lease.
+A claim whose owner ran on this host and is no longer alive (a rank killed and re-run on the same node)
+is stale at once, without waiting for its lease.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from fillup_data.executors.records import task_file_name, write_json_atomic
+from fillup_data.executors.records import task_file_name
+from fillup_data.state import process_gone_on_this_host, write_json_atomic
 
 log = logging.getLogger("fillup_data.executors")
 
@@ -32,6 +35,12 @@ log = logging.getLogger("fillup_data.executors")
 class HeldClaim:
     task_id: str
     nonce: str
+
+
+def owner_died_on_this_host(owner: dict) -> bool:
+    """The claim's process ran here and is gone. A pid reused since reads as alive: then the lease decides."""
+    pid = owner.get("pid")
+    return isinstance(pid, int) and process_gone_on_this_host(str(owner.get("host")), pid)
 
 
 class ClaimStore:
@@ -69,7 +78,7 @@ class ClaimStore:
         stale = self.read(task_id)
         if stale is None:  # released between our attempt and the read: one more try
             return (HeldClaim(task_id, nonce), None) if self._create_exclusive(task_id, nonce) else (None, None)
-        if stale["expires"] > time.time():
+        if stale["expires"] > time.time() and not owner_died_on_this_host(stale["owner"]):
             return None, None
         lock = self.dir / f"{task_file_name(task_id)}.takeover-{stale['owner']['nonce']}"
         try:

@@ -10,20 +10,14 @@ import json
 import os
 import socket
 import time
-import uuid
 from pathlib import Path
+
+from fillup_data.state import write_json_atomic
 
 
 def task_file_name(task_id: str) -> str:
     """``real/train-real-00003`` -> ``real+train-real-00003`` ('+' is not allowed in task ids)."""
     return task_id.replace("/", "+")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Readers see the old file or the new one, never half of one (rename is atomic on POSIX)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def failure_path(state_dir: Path, task_id: str) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from fillup_data.inversion.token_file import atomic_write_bytes
+from fillup_data.state import write_bytes_durably
 
 _LABEL_W = 190
 _GAP = 12
@@ -71,5 +71,5 @@ def preview_grid(
                     draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=_EMPTY)
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
-    atomic_write_bytes(Path(path), buf.getvalue())
+    write_bytes_durably(Path(path), buf.getvalue())
     return Path(path)

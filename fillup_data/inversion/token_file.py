@@ -8,11 +8,8 @@ keys) and atomically (temporary file, then rename).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import numpy as np
 import torch
 
 from fillup_data.errors import FillupError
+from fillup_data.state import write_bytes_durably
 
 FORMAT = "fillup-token-v1"
 
@@ -56,23 +54,6 @@ def serialize_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, 
     blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     return struct.pack("<Q", len(blob)) + blob + b"".join(chunks)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, flush to disk, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -172,7 +153,7 @@ def write_token_file(path: Path, token: TokenFile) -> Path:
     }
     tensors = {_step_key(s): v.detach().to(torch.float32).cpu() for s, v in token.checkpoints.items()}
     metadata = {k: json.dumps(v, sort_keys=True) for k, v in meta.items()}
-    atomic_write_bytes(Path(path), serialize_safetensors(tensors, metadata))
+    write_bytes_durably(Path(path), serialize_safetensors(tensors, metadata))
     return Path(path)
 
 
@@ -293,7 +274,7 @@ def export_diffusers(token_file: Path | TokenFile, step: int, out_path: Path, to
     token = token_file if isinstance(token_file, TokenFile) else read_token_file(Path(token_file))
     name = token_name or token.token_name
     vectors = token.vectors(step).to(torch.float32).contiguous()
-    atomic_write_bytes(out_path, serialize_safetensors({name: vectors}))
+    write_bytes_durably(out_path, serialize_safetensors({name: vectors}))
     return out_path
 
 

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fillup_data.errors import FillupError
+from fillup_data.state import write_bytes_durably
 from fillup_data.inversion.token_file import (
     TokenFile,
-    atomic_write_bytes,
     is_complete,
     load_safetensors,
     losses_to_curve,
@@ -243,7 +243,7 @@ class TextualInversionTrainer:
             "adam_step": json.dumps(float(opt_state["step"])),
             "scaler": json.dumps(st.scaler.state_dict() if st.scaler is not None else None, sort_keys=True),
         }
-        atomic_write_bytes(partial_path(st.job.out_path), serialize_safetensors(tensors, meta))
+        write_bytes_durably(partial_path(st.job.out_path), serialize_safetensors(tensors, meta))
 
     def _maybe_resume(self, st: _ClassState) -> None:
         path = partial_path(st.job.out_path)

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 from fillup_data.errors import FillupError
 from fillup_data.shards.writer import METADATA_KEYS, encodes_as_utf8, show_undecodable
 from fillup_data.state import read_json_record, replace_durably, unique_temp_path
-from fillup_data.state import write_json_atomic  # noqa: F401  (its home before fillup_data.state)
 
 MANIFEST_KEYS = ("name", "version", "fingerprint", "recipe", "classes", "shards")
 

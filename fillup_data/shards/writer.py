@@ -1,7 +1,7 @@
 """Reproducible WebDataset tar shards.
 
 Same samples in, same bytes out: fixed mtime/owner/mode, members sorted within a sample, USTAR
-headers, images re-encoded with fixed settings.  A shard is written under ``NAME.tar.PID-RANDOM.tmp``
+headers, images re-encoded with fixed settings.  A shard is written under ``NAME.tar.PID-RANDOM@HOST.tmp``
 (unique: two writers never share a temporary file), fsynced and renamed only when complete, so a
 killed build never leaves a half shard under the real name.  The writer
 records each member's byte offset and size so ``index.parquet`` can point straight at any sample.
@@ -22,7 +22,7 @@ from PIL import Image
 
 from fillup_data.errors import FillupError
 from fillup_data.recipe import ShardsConfig
-from fillup_data.state import fsync_dir, unique_temp_path
+from fillup_data.state import fsync_dir, process_gone_on_this_host, temp_writer, unique_temp_path
 
 # 2020-01-01T00:00:00Z: a fixed, plausible timestamp (webdataset's TarWriter would stamp "now").
 FIXED_MTIME = 1577836800
@@ -227,8 +227,15 @@ def remove_stale_temps(folder: Path, idle_seconds: float | None = None) -> list[
     if not folder.is_dir():
         return []
     cutoff = None if idle_seconds is None else time.time() - idle_seconds
+
+    def dead(p: Path) -> bool:
+        if cutoff is None or p.stat().st_mtime < cutoff:
+            return True
+        writer = temp_writer(p.name)  # its writer ran here and is gone: no need to wait for the lease
+        return writer is not None and process_gone_on_this_host(*writer)
+
     stale = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".tmp") and ".tar." in p.name
-                   and (cutoff is None or p.stat().st_mtime < cutoff))
+                   and dead(p))
     for p in stale:
         p.unlink(missing_ok=True)
     return [p.name for p in stale]

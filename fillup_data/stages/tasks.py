@@ -8,7 +8,6 @@ for all the tasks it is given.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
