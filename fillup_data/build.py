@@ -1,8 +1,12 @@
-"""One build: index -> plan -> invert -> generate -> assemble, each stage idempotent and resumable.
+"""One build: index -> plan -> {real shards, inversion groups} -> synthetic shards -> assemble.
+
+The driver (or, with ``--rank``, whichever rank claims them) runs index, plan and assemble; the tasks
+between (``fillup_data.stages``) run on an executor (``fillup_data.executors``).
 
 State lives in ``OUT/.fillup/``: the index, a completion record per finished shard (written after
 the shard is renamed into place), the fingerprint of the recipe that started the build, and the
-lock that keeps a second build out of the folder while this one runs.  Relaunching the same command
+lock that keeps a second build out of the folder while this one runs (ranks of one build share the
+folder through task claims instead).  Relaunching the same command
 runs only what is missing; a different recipe is refused.
 """
 

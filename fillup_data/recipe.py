@@ -245,13 +245,13 @@ ENV_FIELDS = ("source.root", "source.train", "source.test", "source.class_names"
 _SECRET_WORDS = ("TOKEN", "SECRET", "KEY", "PASSWORD", "PASSWD", "CREDENTIAL")
 
 
-def _expand_env(value: Any, path: str, fields: tuple[str, ...] | None = None) -> Any:
+def expand_env(value: Any, path: str, fields: tuple[str, ...] | None = None) -> Any:
     """Expand ``${VAR}`` / ``${VAR:-default}`` in the string fields named by ``fields`` (dotted
     paths; ``None``: every field) and refuse it elsewhere; secret-looking names are refused everywhere."""
     if isinstance(value, dict):
-        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), fields) for k, v in value.items()}
+        return {k: expand_env(v, f"{path}.{k}" if path else str(k), fields) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, f"{path}[{i}]", fields) for i, v in enumerate(value)]
+        return [expand_env(v, f"{path}[{i}]", fields) for i, v in enumerate(value)]
     if not isinstance(value, str) or not _ENV.search(value):
         return value
     for m in _ENV.finditer(value):
@@ -327,7 +327,7 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     """A recipe as the user wrote it: ``${VAR}`` expanded in ``ENV_FIELDS``, then validated."""
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a YAML mapping, got {type(data).__name__}")
-    return _validate(_expand_env(data, "", ENV_FIELDS), where)
+    return _validate(expand_env(data, "", ENV_FIELDS), where)
 
 
 def parse_stored_recipe(data: Any, where: str = "stored recipe") -> Recipe:

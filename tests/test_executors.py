@@ -3,6 +3,7 @@ lost workers retried, application errors recorded and not retried, re-runs resum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -460,7 +461,7 @@ def test_an_executor_serves_one_factory(tmp_path):
 # tokens/ must not depend on which executor, or how many workers, made it. On CPU, torch's thread count
 # decides the last bits of a float sum, so the reference is built with the threads each worker gets.
 
-def _local_build(tmp_path_factory, threads: int) -> Path:
+def _local_build(tmp_path_factory, threads: int, *overrides: str) -> Path:
     import torch
 
     from fillup_data.build import run_build
@@ -470,7 +471,7 @@ def _local_build(tmp_path_factory, threads: int) -> Path:
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        run_build(mini(), out, **QUIET)
+        run_build(mini(*overrides), out, **QUIET)
     finally:
         torch.set_num_threads(saved)
     return out
@@ -479,6 +480,15 @@ def _local_build(tmp_path_factory, threads: int) -> Path:
 @pytest.fixture(scope="module")
 def local_ti_build_1_thread(tmp_path_factory):
     return _local_build(tmp_path_factory, 1)
+
+
+# many small synthetic shards, so that every model actor gets some
+SMALL_SHARDS = ("shards.max_samples=20",)
+
+
+@pytest.fixture(scope="module")
+def local_ti_build_small_shards_1_thread(tmp_path_factory):
+    return _local_build(tmp_path_factory, 1, *SMALL_SHARDS)
 
 
 @pytest.fixture(scope="module")
@@ -561,17 +571,19 @@ def test_rank_killed_mid_shard_then_ranks_started_later_finish_identical(local_t
 
 
 def _sigkill_writer_of(pattern: str, folder: Path, deadline_s: float, killed: list) -> None:
-    """Watch ``folder`` for a shard being written (its ``.tmp``) and SIGKILL the process writing it,
-    found by its open file descriptor: what the OOM killer or a node failure does to a worker."""
+    """Watch ``folder`` for a shard being made (its empty ``.tmp``: a synthetic shard is written once its
+    images exist) and SIGKILL the process making it, found by its open file descriptor: what the OOM
+    killer or a node failure does to a worker."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end and not killed:
         for tmp in folder.glob(pattern):
             for fd_dir in Path("/proc").glob("[0-9]*/fd"):
                 try:
                     holds = any(os.readlink(fd) == str(tmp) for fd in fd_dir.iterdir())
+                    generating = tmp.stat().st_size == 0  # images still being made: the shard cannot finish
                 except OSError:
                     continue
-                if holds:
+                if holds and generating:
                     pid = int(fd_dir.parent.name)
                     os.kill(pid, signal.SIGKILL)
                     killed.append((pid, tmp.name))
@@ -612,8 +624,8 @@ def _descends_from(pid: int, ancestor: int) -> bool:
 
 
 @pytest.mark.slow
-def test_ray_node_removed_mid_shard_build_completes_identical(ray_cluster, local_ti_build_1_thread,
-                                                                         tmp_path):
+def test_ray_node_removed_mid_synthetic_shard_build_completes_identical(
+        ray_cluster, local_ti_build_small_shards_1_thread, tmp_path):
     from fillup_data.build import run_build
     from tests.test_synthesis import QUIET, mini
 
@@ -622,32 +634,41 @@ def test_ray_node_removed_mid_shard_build_completes_identical(ray_cluster, local
     out = tmp_path / "out"
     removed: list = []
 
-    def remove_the_node_while_it_writes_a_shard():
+    def remove_the_node_while_it_generates_a_shard():
         end = time.monotonic() + 600
         while time.monotonic() < end and not removed:
-            for tmp in (out / "data").glob("*.tmp"):
+            for tmp in (out / "data").glob("train-synthetic-*.tmp"):
                 for fd_dir in Path("/proc").glob("[0-9]*/fd"):
                     try:
                         holds = any(os.readlink(fd) == str(tmp) for fd in fd_dir.iterdir())
+                        # an empty temp: the shard's images are still being generated, nothing is written yet
+                        generating = tmp.stat().st_size == 0
                     except OSError:
                         continue
-                    if holds and _descends_from(int(fd_dir.parent.name), raylet):
+                    if holds and generating and _descends_from(int(fd_dir.parent.name), raylet):
+                        # a lost machine takes its workers with it: removing the node stops its raylet,
+                        # but a worker already running a task would finish it and answer the driver
+                        workers = [int(p.name) for p in Path("/proc").glob("[0-9]*")
+                                   if int(p.name) != raylet and _descends_from(int(p.name), raylet)]
                         ray_cluster.remove_node(node, allow_graceful=False)
+                        for pid in workers:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, signal.SIGKILL)
                         removed.append(tmp.name)
                         return
             time.sleep(0.02)
 
-    remover = threading.Thread(target=remove_the_node_while_it_writes_a_shard, daemon=True)
+    remover = threading.Thread(target=remove_the_node_while_it_generates_a_shard, daemon=True)
     remover.start()
     executor = ray_executor()
     assert executor._pools[True].capacity == 3  # the third model actor can only live on the new node
-    summary = run_build(mini(), out, executor=executor, **QUIET)
+    summary = run_build(mini(*SMALL_SHARDS), out, executor=executor, **QUIET)
     remover.join(timeout=5)
-    assert removed, "the new node never wrote a shard"
-    shard = removed[0].split(".", 1)[0]
-    task = ("synthetic/" if "synthetic" in shard else "real/") + shard
+    assert removed, "the new node never generated a synthetic shard"
+    task = "synthetic/" + removed[0].split(".", 1)[0]
     assert task in [t for t, _ in summary.extra["task_retries"]], summary.extra["task_retries"]
-    assert tree_bytes(out) == tree_bytes(local_ti_build_1_thread)
+    assert not list((out / "data").glob("*.tmp"))
+    assert tree_bytes(out) == tree_bytes(local_ti_build_small_shards_1_thread)
 
 
 def _dead_pid() -> int:

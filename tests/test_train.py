@@ -409,3 +409,16 @@ def test_trainer_runs_under_torchrun(demo_build, tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["images"] % 32 == 0  # whole global batches from both ranks
     assert (out / "model.safetensors").is_file()
+
+
+def test_train_recipe_expands_variables_only_in_model_weights(monkeypatch):
+    from fillup_data.errors import FillupError
+    from fillup_data.train.config import parse_train_config
+
+    monkeypatch.setenv("WEIGHTS_DIR", "/models")
+    assert parse_train_config({"model": {"weights": "${WEIGHTS_DIR}/r50.safetensors"}}).model.weights == \
+        "/models/r50.safetensors"
+    with pytest.raises(FillupError, match=r"name: \$\{WEIGHTS_DIR\} is not expanded here.*model\.weights"):
+        parse_train_config({"name": "${WEIGHTS_DIR}"})
+    with pytest.raises(FillupError, match="looks like a secret"):
+        parse_train_config({"model": {"weights": "${HF_TOKEN}"}})

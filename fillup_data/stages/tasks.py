@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fillup_data.errors import FillupError
 from fillup_data.executors import TaskSpec, WorkerInfo
 from fillup_data.index import SourceIndex
 from fillup_data.plan import Plan, make_plan
@@ -66,7 +67,10 @@ class BuildRunner:
     @property
     def index(self) -> SourceIndex:
         if self._index is None:
-            self._index = SourceIndex.load(index_path(self.out))
+            self._index = SourceIndex.read(index_path(self.out))
+            if self._index is None:  # e.g. a worker on a node that does not see the driver's build folder
+                raise FillupError(f"{index_path(self.out)} is missing or unreadable on this worker: every worker "
+                                  f"must see the build folder (a shared file system across machines)")
         return self._index
 
     @property

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fillup_data.errors import FillupError
-from fillup_data.recipe import _expand_env, read_yaml_mapping
+from fillup_data.recipe import expand_env, read_yaml_mapping
 
 
 class _Strict(BaseModel):
@@ -123,12 +123,16 @@ def _format(err: ValidationError, where: str) -> str:
     return "\n".join(lines)
 
 
+# ${VAR} is expanded only in these path fields (run.json records the config; secrets never expand)
+TRAIN_ENV_FIELDS = ("model.weights",)
+
+
 def parse_train_config(data: object, where: str = "train recipe") -> TrainConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise FillupError(f"{where}: a train recipe is a YAML mapping, got {type(data).__name__}")
-    data = _expand_env(data, "")
+    data = expand_env(data, "", TRAIN_ENV_FIELDS)
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as err:
