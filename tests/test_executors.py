@@ -714,3 +714,34 @@ def test_partial_shards_of_lost_writers_are_removed_and_live_ones_kept(tmp_path)
     assert remove_stale_temps(tmp_path, idle_seconds=3600) == [remote.name]
     # a driver build that holds the lock, every task done: every temp left is a lost worker's
     assert remove_stale_temps(tmp_path) == sorted([mine.name, old_format.name])
+
+
+@pytest.mark.slow
+def test_ray_driver_killed_mid_build_then_rerun_completes_identical(ray_cluster, local_ti_build_1_thread, tmp_path):
+    """The driver (a real CLI process) is SIGKILLed while an actor generates a synthetic shard; Ray ends
+    its actors with it. Re-running the same command resumes from the records."""
+    from tests.test_synthesis import DEMO, MINI
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fillup_data.cli", "build", str(DEMO), "--out", str(out), "--quiet",
+               "--workers", "1", "--executor", "ray", "--ray-address", ray_cluster.address,
+               *[a for kv in MINI for a in ("--set", kv)]]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen: list = []
+    end = time.monotonic() + 600
+    while time.monotonic() < end and not seen and driver.poll() is None:
+        seen = [p for p in (out / "data").glob("train-synthetic-*.tmp") if p.stat().st_size == 0]
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate(timeout=60)
+    assert seen and driver.returncode == -signal.SIGKILL, "the driver finished before it could be killed"
+    assert not (out / "manifest.json").exists()
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    import re
+
+    written, reused = map(int, re.search(r"\((\d+) written, (\d+) reused from an earlier run", again.stdout).groups())
+    assert reused >= 7 and written >= 1  # the real shards (and any synthetic shard) done before the kill stay
+    assert not list((out / "data").glob("*.tmp"))
+    assert tree_bytes(out) == tree_bytes(local_ti_build_1_thread)
