@@ -745,3 +745,18 @@ def test_ray_driver_killed_mid_build_then_rerun_completes_identical(ray_cluster,
     assert reused >= 7 and written >= 1  # the real shards (and any synthetic shard) done before the kill stay
     assert not list((out / "data").glob("*.tmp"))
     assert tree_bytes(out) == tree_bytes(local_ti_build_1_thread)
+
+
+@pytest.mark.slow
+def test_build_on_two_local_worker_processes_gives_the_local_bytes(local_ti_build_1_thread, tmp_path):
+    """The path a machine with two GPUs takes (one spawned worker per device), here on two CPU 'devices'."""
+    from fillup_data.build import run_build
+    from tests.test_synthesis import QUIET, mini
+
+    executor = LocalExecutor(devices=["cpu", "cpu"])
+    assert [info.num_threads for info in executor.infos] == [max(1, usable_cpus() // 2)] * 2
+    out = tmp_path / "out"
+    summary = run_build(mini(), out, executor=executor, **QUIET)
+    assert summary.shards_written == summary.shards and summary.tokens_trained == 9
+    if usable_cpus() == 2:  # each worker then has the reference's one thread
+        assert tree_bytes(out) == tree_bytes(local_ti_build_1_thread)
