@@ -482,15 +482,6 @@ def local_ti_build_1_thread(tmp_path_factory):
     return _local_build(tmp_path_factory, 1)
 
 
-# many small synthetic shards, so that every model actor gets some
-SMALL_SHARDS = ("shards.max_samples=20",)
-
-
-@pytest.fixture(scope="module")
-def local_ti_build_small_shards_1_thread(tmp_path_factory):
-    return _local_build(tmp_path_factory, 1, *SMALL_SHARDS)
-
-
 @pytest.fixture(scope="module")
 def local_ti_build_2_threads(tmp_path_factory):
     return _local_build(tmp_path_factory, 2)
@@ -624,11 +615,21 @@ def _descends_from(pid: int, ancestor: int) -> bool:
 
 
 @pytest.mark.slow
-def test_ray_node_removed_mid_synthetic_shard_build_completes_identical(
-        ray_cluster, local_ti_build_small_shards_1_thread, tmp_path):
+def test_ray_node_removed_mid_synthetic_shard_build_completes_identical(ray_cluster, local_ti_build_1_thread,
+                                                                         tmp_path):
+    import ray
+
     from fillup_data.build import run_build
     from tests.test_synthesis import QUIET, mini
 
+    @ray.remote(num_gpus=1, num_cpus=0)
+    class HoldsAGpu:
+        def ping(self) -> int:
+            return 1
+
+    # the head's two GPUs are taken, so the build's one model actor can only live on the new node
+    holders = [HoldsAGpu.remote() for _ in range(2)]
+    ray.get([h.ping.remote() for h in holders])
     node = ray_cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
     raylet = node.all_processes["raylet"][0].process.pid
     out = tmp_path / "out"
@@ -655,20 +656,24 @@ def test_ray_node_removed_mid_synthetic_shard_build_completes_identical(
                             with contextlib.suppress(ProcessLookupError):
                                 os.kill(pid, signal.SIGKILL)
                         removed.append(tmp.name)
+                        for h in holders:  # the head's GPUs come free for the replacement actor
+                            ray.kill(h)
                         return
             time.sleep(0.02)
 
     remover = threading.Thread(target=remove_the_node_while_it_generates_a_shard, daemon=True)
     remover.start()
-    executor = ray_executor()
-    assert executor._pools[True].capacity == 3  # the third model actor can only live on the new node
-    summary = run_build(mini(*SMALL_SHARDS), out, executor=executor, **QUIET)
-    remover.join(timeout=5)
-    assert removed, "the new node never generated a synthetic shard"
+    try:
+        summary = run_build(mini(), out, executor=ray_executor(num_workers=1), **QUIET)
+    finally:
+        remover.join(timeout=5)
+        for h in holders:
+            ray.kill(h)
+    assert removed, "the model actor on the new node was never seen generating a synthetic shard"
     task = "synthetic/" + removed[0].split(".", 1)[0]
     assert task in [t for t, _ in summary.extra["task_retries"]], summary.extra["task_retries"]
     assert not list((out / "data").glob("*.tmp"))
-    assert tree_bytes(out) == tree_bytes(local_ti_build_small_shards_1_thread)
+    assert tree_bytes(out) == tree_bytes(local_ti_build_1_thread)
 
 
 def _dead_pid() -> int:

@@ -12,15 +12,16 @@ from fillup_data.recipe import Recipe
 from fillup_data.state import completed_shard, save_shard_record, shard_record
 
 
-def run_synthetic_shard(recipe: Recipe, plan: Plan, shard: ShardPlan, out: Path, generator, progress: bool) -> dict:
-    """The task: skip when done; ``generator()`` gives the worker's (lazily built) SyntheticGenerator."""
+def run_synthetic_shard(recipe: Recipe, plan: Plan, shard: ShardPlan, out: Path, load_generator,
+                        progress: bool) -> dict:
+    """The task: skip when done; ``load_generator()`` gives the worker's SyntheticGenerator, built on first use."""
     from fillup_data import synthesis
 
     if completed_shard(out, shard) is not None:
         return {"skipped": True}
     bar = tqdm(total=len(shard.samples), desc=f"generate {shard.name}", unit="img", disable=not progress,
                leave=False)
-    rows, _, retries, num_bytes, sha = synthesis.write_synthetic_shard(recipe, plan, shard, out, generator(), bar)
+    rows, _, retries, num_bytes, sha = synthesis.write_synthetic_shard(recipe, plan, shard, out, load_generator(), bar)
     bar.close()
     save_shard_record(out, shard, shard_record(shard, len(rows), num_bytes, sha, rows, [], retries))
     return {"images": len(rows), "retries": retries}

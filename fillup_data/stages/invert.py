@@ -44,14 +44,15 @@ def diffusers_token_path(out: Path, class_index: int) -> Path:
 
 
 def run_inversion_group(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, group: int, classes: list[int],
-                        pipe, progress: bool) -> dict:
+                        load_pipe, progress: bool) -> dict:
     """The task: train the group's unfinished classes (resuming a class from its last checkpoint),
-    export their diffusers tokens, then write the group's record (last)."""
+    export their diffusers tokens, then write the group's record (last). ``load_pipe()`` gives the
+    worker's pipeline, loaded on first use (a group that is already done loads nothing)."""
     from fillup_data import synthesis
 
     if group_done(out, group, classes):
         return {"skipped": True}
-    trained = synthesis.invert_all(recipe, plan, index, out, pipe(), progress, classes=classes)
+    trained = synthesis.invert_all(recipe, plan, index, out, load_pipe(), progress, classes=classes)
     synthesis.export_final_tokens(out, classes)
     write_json_atomic(group_record_path(out, group), {"group": group, "classes": classes})
     return {"classes_trained": trained}
