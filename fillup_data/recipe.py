@@ -134,9 +134,20 @@ class GeneratorConfig(_Strict):
     scheduler: Literal["ddim", "dpmpp_2m", "euler"] = "ddim"
     eta: float = Field(0.0, ge=0.0, le=1.0)
     resolution: int = Field(512, ge=8)
-    batch_size: int = Field(8, ge=1)
+    # micro-batch rows per pipeline pass; it decides pixels (kernels differ by shape), so it is
+    # recorded. auto: from free GPU memory on CUDA (pinned once per build), 8 on CPU
+    batch_size: Union[int, Literal["auto"]] = "auto"
+    # torch.compile of the UNet and the VAE decode; auto = on for CUDA, off on CPU
+    compile: Union[bool, Literal["auto"]] = "auto"
     safety_checker: bool = False
     max_retries: int = Field(5, ge=0)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, v):
+        if v != "auto" and int(v) < 1:
+            raise ValueError(f"must be auto or a positive integer, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _checks(self) -> "GeneratorConfig":
@@ -171,9 +182,22 @@ class InversionConfig(_Strict):
     flip: bool = True
     resolution: int | None = Field(None, ge=8)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    classes_per_pass: int = Field(
-        1, ge=1, description="classes trained jointly, one UNet pass for all (each keeps its own batch and optimizer)"
+    classes_per_pass: Union[int, Literal["auto"]] = Field(
+        "auto", description="slots of the joint UNet pass (each class keeps its own batch and optimizer); a class "
+        "that finishes leaves its slot to the next. auto: from free GPU memory on CUDA (pinned once per build), "
+        "1 on CPU"
     )
+    classes_per_task: int = Field(
+        64, ge=1, description="classes per inversion task (the unit a worker claims); fixed slices of the plan"
+    )
+    compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile of the UNet; auto = on for CUDA
+
+    @field_validator("classes_per_pass")
+    @classmethod
+    def _positive_pass(cls, v):
+        if v != "auto" and int(v) < 1:
+            raise ValueError(f"must be auto or a positive integer, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _checks(self) -> "InversionConfig":

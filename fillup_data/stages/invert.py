@@ -10,10 +10,77 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from fillup_data.errors import FillupError
 from fillup_data.index import SourceIndex
 from fillup_data.plan import Plan
-from fillup_data.recipe import Recipe
+from fillup_data.recipe import Recipe, model_revision
+from fillup_data.sources import ImageLoadError, SourceItem, open_source
 from fillup_data.state import read_json_record, write_json_atomic
+
+
+def token_path(out: Path, class_index: int) -> Path:
+    return Path(out) / "tokens" / f"{class_index:05d}.safetensors"
+
+
+def load_class_images(recipe: Recipe, items: list[SourceItem]) -> list:
+    """The class's readable real images (a file that broke since indexing is skipped)."""
+    source = open_source(recipe)
+    images = []
+    for it in items:
+        try:
+            images.append(source.load(it))
+        except ImageLoadError:
+            continue
+    return images
+
+
+def invert_all(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, pipe, progress: bool,
+               classes: list[int] | None = None, step_callback=None) -> int:
+    """Train the token of every class with synthetic images to make; returns how many were trained."""
+    from fillup_data.inversion import InversionJob, invert_classes, is_complete
+
+    wanted = classes if classes is not None else [c.index for c in plan.classes if c.synthetic > 0]
+    todo = [c for c in wanted if not is_complete(token_path(out, c))]
+    if not todo:
+        return 0
+    (out / "tokens").mkdir(parents=True, exist_ok=True)
+    by_class: dict[int, list[SourceItem]] = {}
+    for it in index.items["train"]:
+        by_class.setdefault(it.label, []).append(it)
+    per_pass = recipe.inversion.classes_per_pass
+    resolution = recipe.inversion.resolution or recipe.generator.resolution
+    bar = tqdm(total=len(todo), desc="invert classes", unit="class", disable=not progress or len(todo) < 2)
+    for start in range(0, len(todo), per_pass):
+        group = todo[start : start + per_pass]
+        jobs = []
+        for c in group:
+            images = load_class_images(recipe, by_class.get(c, []))
+            if not images:
+                raise FillupError(f"class {c} {plan.classes[c].name!r}: no readable training images left to invert")
+            jobs.append(InversionJob(c, plan.classes[c].name, images, token_path(out, c)))
+        invert_classes(pipe, jobs, cfg=recipe.inversion, resolution=resolution, seed=recipe.seed,
+                       model_id=recipe.generator.model, model_revision=model_revision(recipe),
+                       progress=progress, step_callback=step_callback)
+        bar.update(len(group))
+    bar.close()
+    return len(todo)
+
+
+def export_final_tokens(out: Path, classes: list[int]) -> None:
+    """``tokens/diffusers/NNNNN.safetensors``: the last checkpoint in the one-key diffusers format, so
+    ``pipe.load_textual_inversion(path)`` takes a class token without our reader."""
+    from fillup_data.inversion import export_diffusers, read_token_file
+
+    for c in classes:
+        dest = out / "tokens" / "diffusers" / f"{c:05d}.safetensors"
+        if not dest.is_file():
+            token = read_token_file(token_path(out, c))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            export_diffusers(token, token.checkpoint_steps[-1], dest)
+
+
 
 
 def inversion_groups(recipe: Recipe, plan: Plan) -> list[list[int]]:
@@ -31,7 +98,6 @@ def group_record_path(out: Path, group: int) -> Path:
 
 def group_done(out: Path, group: int, classes: list[int]) -> bool:
     from fillup_data.inversion import is_complete
-    from fillup_data.synthesis import token_path
 
     rec = read_json_record(group_record_path(out, group))
     return (rec is not None and rec.get("classes") == classes
@@ -48,11 +114,9 @@ def run_inversion_group(recipe: Recipe, plan: Plan, index: SourceIndex, out: Pat
     """The task: train the group's unfinished classes (resuming a class from its last checkpoint),
     export their diffusers tokens, then write the group's record (last). ``load_pipe()`` gives the
     worker's pipeline, loaded on first use (a group that is already done loads nothing)."""
-    from fillup_data import synthesis
-
     if group_done(out, group, classes):
         return {"skipped": True}
-    trained = synthesis.invert_all(recipe, plan, index, out, load_pipe(), progress, classes=classes)
-    synthesis.export_final_tokens(out, classes)
+    trained = invert_all(recipe, plan, index, out, load_pipe(), progress, classes=classes)
+    export_final_tokens(out, classes)
     write_json_atomic(group_record_path(out, group), {"group": group, "classes": classes})
     return {"classes_trained": trained}
