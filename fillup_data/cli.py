@@ -41,10 +41,13 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from fillup_data.cost import choose_rates, format_cost, work_of
     from fillup_data.index import build_index
     from fillup_data.plan import format_group_table, make_plan
 
     recipe = _load(args)
+    if args.gpus is not None and args.gpus < 1:
+        raise FillupError(f"--gpus: must be at least 1, got {args.gpus}")
     t0 = time.time()
     index = build_index(recipe, workers=args.workers)
     plan = make_plan(recipe, index)
@@ -59,9 +62,21 @@ def cmd_plan(args) -> int:
     if index.skipped:
         print("skipped images: " + ", ".join(f"{n} {r}" for r, n in index.skip_counts().items()))
     print(f"images to generate: {plan.num_synthetic:,}   (planned in {time.time() - t0:.1f}s)")
+    work = work_of(recipe, plan)
+    rates, why = choose_rates(recipe) if (work.synthetic_images or work.inversion_class_steps) else (None, "")
+    print(format_cost(recipe, work, rates, why, gpus=args.gpus))
     if args.json:
         Path(args.json).write_text(json.dumps({"classes": [c.__dict__ for c in plan.classes],
                                                "groups": plan.group_table()}, indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from fillup_data.bench import run_bench
+
+    recipe = _load(args)
+    result = run_bench(recipe, device=args.device, quick=args.quick)
+    print(result.format())
     return 0
 
 
@@ -248,7 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--workers", type=int, default=1, help="processes that verify images")
     p.add_argument("--json", help="also write the plan's class table to this JSON file")
+    p.add_argument("--gpus", type=int, default=None, help="also estimate the wall-clock time on this many GPUs")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("bench", help="measure this machine's generation and inversion rates for `plan`")
+    _add_recipe_args(p)
+    p.add_argument("--quick", action="store_true", help="a few timed micro-batches and steps (under 2 minutes)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("build", help="run (or resume) a build: tokens + shards + manifest + card")
     _add_recipe_args(p)
