@@ -335,7 +335,8 @@ def format_cost(recipe: Recipe, work: Work, rates: Rates | None, why: str, gpus:
             if tasks and wall > 1.05 * total / gpus:
                 limits.append(f"{what} is {len(tasks)} task(s), the longest {human_duration(max(tasks))} "
                               f"(an even split would take {human_duration(total / gpus)}; {knob} sets the task size)")
-        lines.append(f"on {gpus} GPUs: about {human_duration(inv_wall + gen_wall)} wall-clock "
+        workers = "GPUs" if rates.data.get("device", "").startswith("cuda") else "workers like this machine"
+        lines.append(f"on {gpus} {workers}: about {human_duration(inv_wall + gen_wall)} wall-clock "
                      f"(inversion {human_duration(inv_wall)}, then generation {human_duration(gen_wall)})")
         for limit in limits:
             lines.append(f"  limited by task granularity: {limit}")
