@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import yaml
 
 from fillup_data.cli import main
@@ -53,3 +54,28 @@ def test_bench_writes_rates_that_plan_then_uses(tmp_path, capsys, tiny_model_cac
         assert "on 2 workers like this machine: about" in out
     finally:
         rates_path.unlink(missing_ok=True)
+
+
+@pytest.mark.slow  # a subprocess running every row: ~15 s on an idle 2-core box, over 60 s under load
+def test_gpu_benchmark_cpu_mode_writes_every_row(tmp_path, tiny_model_cache):
+    """``benchmarks/gpu.py --cpu`` runs every row's code path on the tiny model (no timing asserted)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "results.md"
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu.py"), "--cpu", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "## GPU benchmark (CPU smoke run)" in text and "- device: CPU" in text and "- commit: " in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| row ")]
+    names = ["plain diffusers", "ours, eager", "inversion, 1 class per pass", "inversion, auto (",
+             "ours, defaults", "inversion, auto + compile auto", "shard writing alone", "build end to end"]
+    assert [next(n for n in names if row[2:].startswith(n)) for row in rows] == names
+    for row in rows:
+        rate = float(row.split("|")[2].split()[0])
+        assert math.isfinite(rate) and rate > 0, row
