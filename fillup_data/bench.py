@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fillup_data import __version__
 from fillup_data.cost import bench_rates_path, model_key
+from fillup_data.errors import FillupError
 from fillup_data.recipe import Recipe
 
 BENCH_CLASSES = 4  # class names the generation prompts cycle through
@@ -155,6 +156,8 @@ def run_bench(recipe: Recipe, device: str | None = None, quick: bool = True) -> 
     from fillup_data.fastpath import configure_compile_cache, device_description
     from fillup_data.models import default_device, load_pipeline_for
 
+    if recipe.generator.strategy == "none":
+        raise FillupError("generator.strategy is none: a build of this recipe uses no model, there is nothing to bench")
     device = device or default_device()
     configure_compile_cache()
     t0 = time.perf_counter()
@@ -176,15 +179,14 @@ def run_bench(recipe: Recipe, device: str | None = None, quick: bool = True) -> 
         "fillup_version": __version__,
         "settings": {"generator": g.model_dump(mode="json"), "inversion": recipe.inversion.model_dump(mode="json")},
     }
-    if g.strategy != "none":
-        gen = measure_generation(pipe, recipe, rounds)
-        rates["generation"] = gen
-        m = gen.get("compiled") or gen["eager"]
-        per_image = g.num_inference_steps * (2 if g.guidance_scale > 1 else 1) * m["unet_row_step_s"] + m["decode_image_s"]
-        lines.append(f"generation ({'compiled' if 'compiled' in gen else 'eager'}, batch {gen['reference_batch_size']}): "
-                     f"UNet {m['unet_row_step_s'] * 1000:.2f} ms per row-step, {m['decode_image_s'] * 1000:.1f} ms per "
-                     f"image outside the loop -> {1 / per_image:.2f} images/s at {g.num_inference_steps} steps "
-                     f"(warm-up {gen['warmup_s']:.1f}s, compile {gen['compile_s']:.1f}s, excluded)")
+    gen = measure_generation(pipe, recipe, rounds)
+    rates["generation"] = gen
+    m = gen.get("compiled") or gen["eager"]
+    per_image = g.num_inference_steps * (2 if g.guidance_scale > 1 else 1) * m["unet_row_step_s"] + m["decode_image_s"]
+    lines.append(f"generation ({'compiled' if 'compiled' in gen else 'eager'}, batch {gen['reference_batch_size']}): "
+                 f"UNet {m['unet_row_step_s'] * 1000:.2f} ms per row-step, {m['decode_image_s'] * 1000:.1f} ms per "
+                 f"image outside the loop -> {1 / per_image:.2f} images/s at {g.num_inference_steps} steps "
+                 f"(warm-up {gen['warmup_s']:.1f}s, compile {gen['compile_s']:.1f}s, excluded)")
     if g.strategy == "textual_inversion":
         inv = measure_inversion(pipe, recipe, timed_steps, device)
         rates["inversion"] = inv

@@ -311,7 +311,11 @@ def format_cost(recipe: Recipe, work: Work, rates: Rates | None, why: str, gpus:
         lines.append(f"GPU time: the shipped H100 rates do not apply ({why}); "
                      "run `fillup-data bench --quick RECIPE` on the build machine, then plan again")
         return "\n".join(lines)
-    est = estimate(recipe, work, rates)
+    try:
+        est = estimate(recipe, work, rates)
+    except FillupError as err:  # e.g. bench rates of a run without inversion, for a recipe with it
+        lines.append(f"GPU time: not estimated: {err}")
+        return "\n".join(lines)
     device = str(rates.data.get("device", "?")).removeprefix("cuda:").removeprefix("cpu:")
     lines.append(f"rates: {rates.describe()}")
     one = f"one {device}" if rates.data.get("device", "").startswith("cuda") else f"this {device} CPU"

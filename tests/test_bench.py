@@ -79,3 +79,10 @@ def test_gpu_benchmark_cpu_mode_writes_every_row(tmp_path, tiny_model_cache):
     for row in rows:
         rate = float(row.split("|")[2].split()[0])
         assert math.isfinite(rate) and rate > 0, row
+
+
+def test_bench_of_a_recipe_without_a_model_is_refused(tmp_path, capsys):
+    path = tmp_path / "none.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "generator": {**TINY["generator"], "strategy": "none"}}))
+    assert main(["bench", "--quick", str(path)]) == 2
+    assert "generator.strategy is none" in capsys.readouterr().err

@@ -208,3 +208,19 @@ def test_unreadable_bench_rates_file_is_a_clear_error(tmp_path, capsys):
         assert str(bench) in err and "bench --quick" in err
     finally:
         bench.unlink()
+
+
+def test_bench_rates_without_inversion_leave_a_textual_inversion_plan_unestimated(tmp_path, capsys):
+    recipe_path = _write_recipe(tmp_path)
+    bench = bench_rates_path(_recipe(), this_device_kind())
+    bench.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(_rates_file(tmp_path).read_text())
+    del data["inversion"]  # a bench of a single_template recipe
+    bench.write_text(json.dumps(data))
+    try:
+        assert main(["plan", str(recipe_path)]) == 0
+        out = capsys.readouterr().out
+        assert "work: 1,038 synthetic images" in out
+        assert "GPU time: not estimated" in out and "has no inversion rates" in out
+    finally:
+        bench.unlink()
