@@ -92,6 +92,8 @@ class _ShardWriterThread:
     def _raise_if_failed(self) -> None:
         if self.error is not None:
             raise self.error
+        if not self._thread.is_alive():
+            raise RuntimeError(f"the thread writing {self._writer.path.name} ended early")
 
     def put(self, chunk) -> None:
         """Queue ``chunk``; blocks while the queue is full, and raises the thread's error if it died."""
@@ -107,7 +109,8 @@ class _ShardWriterThread:
         """Wait until everything queued is written; re-raise the thread's error."""
         self.put(None)
         self._thread.join()
-        self._raise_if_failed()
+        if self.error is not None:
+            raise self.error
 
     def stop(self) -> None:
         """Stop after the sample being written (the caller failed): nothing more is written."""

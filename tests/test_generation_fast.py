@@ -68,7 +68,7 @@ def test_our_loop_is_bit_identical_to_the_pipeline(tiny_model_cache, scheduler):
 
 def test_images_are_finished_on_the_device_as_on_the_host():
     g = torch.Generator().manual_seed(0)
-    decoded = torch.rand(6, 3, 8, 8, generator=g) * 2.4 - 1.2  # decoder output, partly outside [-1, 1]
+    decoded = torch.rand(7, 3, 8, 8, generator=g) * 2.4 - 1.2  # decoder output, partly outside [-1, 1]
     # values whose uint8 rounding sits on a boundary: (v*0.5+0.5)*255 = k + 0.5 exactly or nearly
     edges = torch.tensor([(k + 0.5) / 255 for k in range(0, 255, 7)]) * 2 - 1
     decoded[0, 0, 0, : len(edges[:8])] = edges[:8]
@@ -77,16 +77,16 @@ def test_images_are_finished_on_the_device_as_on_the_host():
     decoded[3] = -0.999  # every pixel just below 2/255 after denormalizing: black
     decoded[4] = -0.98  # just above: not black
     decoded[5] = 0.0  # what a triggered safety checker returns: grey if denormalized, black if left as it is
-    for denormalize in (None, [True, True, True, True, True, False]):
+    for denormalize in (None, [True, True, True, True, True, False, False]):
         got = finish_images(decoded, denormalize)
         host = decoded.clone()
-        for i in range(6):
+        for i in range(7):
             if denormalize is None or denormalize[i]:
                 host[i] = (host[i] * 0.5 + 0.5).clamp(0, 1)
         host = host.permute(0, 2, 3, 1).float().numpy()
         assert list(got.bad) == [is_bad_image(im) for im in host]
-        assert list(got.bad) == [False, True, True, True, False, denormalize is not None]
-        for i in (0, 1, 3, 4, 5):
+        assert list(got.bad) == [False, True, True, True, False, denormalize is not None, False]
+        for i in (0, 1, 3, 4, 5, 6):  # row 6 left as it is (outside [0, 1]): clipped as to_uint8 clips
             assert np.array_equal(got.pixels[i], to_uint8(host[i])), i
 
 
@@ -218,6 +218,7 @@ def test_compiled_sample_alone_equals_it_in_a_mixed_batch(tiny_model_cache, tmp_
     for spec, sample in zip(MIXED, batch):
         alone = compiled.regenerate(spec)
         assert np.array_equal(np.asarray(alone.image), np.asarray(sample.image)), spec
+    assert any(p.is_file() for p in (tmp_path / "inductor").rglob("*"))  # inductor did compile
     eager = SyntheticGenerator(pipe, cfg.model_copy(update={"compile": False}), CLASSES).generate(MIXED)
     psnr = min(_psnr(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(batch, eager))
     with capsys.disabled():
