@@ -63,12 +63,14 @@ def build_prompt(strategy: str, template: str, class_index: int, class_name: str
 
 
 def is_bad_image(image: np.ndarray) -> bool:
-    """Non-finite, or black everywhere (what a triggered safety checker or an fp16 overflow returns)."""
+    """Non-finite, or black everywhere (what a triggered safety checker or an fp16 overflow returns).
+    The reference for ``sampler.finish_images``, which computes the same flags on the device."""
     return bool(not np.isfinite(image).all() or (image < BLACK_THRESHOLD).all())
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """[0, 1] float HWC -> uint8 HWC, rounded (deterministic)."""
+    """[0, 1] float HWC -> uint8 HWC, rounded (deterministic); ``sampler.finish_images`` does the same
+    float32 math on the device."""
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
