@@ -34,7 +34,7 @@ def _pipe(scheduler: str):
 
 
 def _embeds(pipe, rows: int) -> torch.Tensor:
-    gen = SyntheticGenerator(pipe, _cfg(batch_size=rows), CLASSES)
+    gen = SyntheticGenerator(pipe, _cfg(batch_size=rows, compile=False), CLASSES)
     return gen.encode([SampleSpec(c % 3, 0) for c in range(rows)])
 
 
@@ -114,6 +114,34 @@ def test_safety_checker_black_rows_stay_black_and_are_retried(fresh_tiny_pipe, m
                              num_inference_steps=3)
     assert list(bad) == [True, False] and (pixels[0] == 0).all()
     assert np.array_equal(np.asarray(got[1].image), pixels[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m", "euler"])
+def test_no_host_sync_inside_the_denoising_loop_on_cuda(tiny_model_cache, scheduler, monkeypatch):
+    """From the first UNet call to the decode, torch raises on any synchronising call."""
+    from fillup_data.models import load_pipeline
+
+    pipe = load_pipeline("builtin:tiny-sd", device="cuda", dtype="float32", scheduler=scheduler)
+    unet_forward, decode = pipe.unet.forward, pipe.vae.decode
+
+    def forward(*a, **kw):
+        torch.cuda.set_sync_debug_mode("error")
+        return unet_forward(*a, **kw)
+
+    def decode_after_loop(*a, **kw):
+        torch.cuda.set_sync_debug_mode("default")
+        return decode(*a, **kw)
+
+    monkeypatch.setattr(pipe.unet, "forward", forward)
+    monkeypatch.setattr(pipe.vae, "decode", decode_after_loop)
+    try:
+        embeds = _embeds(pipe, 2)
+        batch = DenoisingSampler(pipe).images(embeds, [torch.Generator("cpu").manual_seed(s) for s in (1, 2)],
+                                              guidance_scale=3.0, num_inference_steps=3, eta=0.5, height=32, width=32)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert batch.pixels.shape == (2, 32, 32, 3)
 
 
 # ---------------------------------------------------------------------------- micro-batch sizing
@@ -208,6 +236,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 MIXED = [SampleSpec(0, 11), SampleSpec(2, 12), SampleSpec(1, 13), SampleSpec(0, 14), SampleSpec(2, 15)]
 
 
+@pytest.mark.slow  # compiling the tiny UNet and decoder takes about a minute on 2 cores
 def test_compiled_sample_alone_equals_it_in_a_mixed_batch(tiny_model_cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     pipe = _pipe("ddim")
