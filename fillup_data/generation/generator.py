@@ -4,9 +4,15 @@ Every sample has its own ``torch.Generator`` seeded from its plan entry, so it c
 from its metadata alone. Exactness: on CPU, the UNet and VAE give slightly different numbers for
 a sample run alone than inside a batch (oneDNN picks other kernels for batch size 1), while at a
 fixed batch size a row's result does not depend on the other rows or its position. So sampling
-always runs in micro-batches of exactly ``generator.batch_size`` rows, padding the last one with
-copies: a sample generated alone (``regenerate``) is computed in the same shape as inside any
-mixed batch and gives the same pixels (tested).
+always runs in micro-batches of exactly ``batch_size`` rows, padding the last one with copies: a
+sample generated alone (``regenerate``) is computed in the same shape as inside any mixed batch and
+gives the same pixels (tested). The same holds compiled: every call has that one static shape, so
+the compiled UNet and decoder are traced once and a sample alone equals it in a batch (tested).
+
+What else decides the last bits is recorded per shard (``pixel_setup``): device kind, dtype,
+compile on/off (compiled kernels differ from eager ones in rounding), the micro-batch rows, the
+torch/diffusers versions and the CPU thread count. The sampling itself
+(``generation.sampler``) is bit-identical to diffusers' ``StableDiffusionPipeline`` call (tested).
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fillup_data import fastpath
 from fillup_data.errors import FillupError
+from fillup_data.generation.sampler import BLACK_THRESHOLD, DenoisingSampler, resolve_batch_size
 from fillup_data.inversion.token_file import TokenFile, read_token_file, token_name
 from fillup_data.models.text import MARKER, encode_placeholder_prompt, encode_plain_prompt, encode_text
 
-BLACK_THRESHOLD = 2 / 255  # an image whose every pixel is below this is "black" (safety checker, NaN VAE)
 _TOKEN_CACHE_SIZE = 256  # token files kept in memory (100 checkpoints x 4 x 768 floats = 1.2 MB each)
 
 
@@ -56,17 +63,24 @@ def build_prompt(strategy: str, template: str, class_index: int, class_name: str
 
 
 def is_bad_image(image: np.ndarray) -> bool:
-    """Non-finite, or black everywhere (what a triggered safety checker or an fp16 overflow returns)."""
+    """Non-finite, or black everywhere (what a triggered safety checker or an fp16 overflow returns).
+    The reference for ``sampler.finish_images``, which computes the same flags on the device."""
     return bool(not np.isfinite(image).all() or (image < BLACK_THRESHOLD).all())
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """[0, 1] float HWC -> uint8 HWC, rounded (deterministic)."""
+    """[0, 1] float HWC -> uint8 HWC, rounded (deterministic); ``sampler.finish_images`` does the same
+    float32 math on the device."""
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 class SyntheticGenerator:
-    """Generates images for a list of ``SampleSpec`` in class-mixed micro-batches."""
+    """Generates images for a list of ``SampleSpec`` in class-mixed micro-batches.
+
+    ``cfg.batch_size`` and ``cfg.compile`` may be ``auto``: the micro-batch is then sized here (from
+    free memory on CUDA, ``fastpath.CPU_GENERATION_BATCH`` elsewhere; a build pins it once through
+    ``synthesis.make_generator``) and compile is on for CUDA. ``.batch_size`` and ``.compiled`` are
+    the resolved values."""
 
     def __init__(self, pipe, cfg, class_names: list[str], token_files: dict[int, Path] | None = None):
         if cfg.strategy not in ("textual_inversion", "single_template"):
@@ -83,6 +97,13 @@ class SyntheticGenerator:
         self._template = cfg.prompt
         if cfg.strategy == "textual_inversion" and MARKER not in cfg.prompt:
             raise FillupError(f"generator.prompt {cfg.prompt!r} must contain {MARKER} for textual_inversion")
+        self.compiled = fastpath.compile_enabled(cfg.compile, self.device)
+        self.sampler = DenoisingSampler(pipe, compiled=self.compiled)
+        self.batch_size = resolve_batch_size(self.sampler, cfg)
+
+    def pixel_setup(self) -> dict:
+        """What decides this generator's pixels besides each sample's metadata (recorded per shard)."""
+        return fastpath.pixel_setup(self.device, self.pipe.unet.dtype, self.compiled, self.batch_size)
 
     # ------------------------------------------------------------------ prompts
     def _token(self, class_index: int) -> TokenFile:
@@ -133,9 +154,10 @@ class SyntheticGenerator:
         return encode_text(self.pipe.text_encoder, prompts, vectors, self.device)
 
     # ------------------------------------------------------------------ sampling
-    def _sample_batch(self, specs: list[SampleSpec], seeds: list[int]) -> list[np.ndarray]:
-        """One pipeline call on exactly ``batch_size`` rows (padded with copies of the first)."""
-        m = self.cfg.batch_size
+    def _sample_batch(self, specs: list[SampleSpec], seeds: list[int]):
+        """One denoising run on exactly ``batch_size`` rows (padded with copies of the first); the
+        finished uint8 images and bad-image flags of the real rows, on the host."""
+        m = self.batch_size
         pad = m - len(specs)
         specs = list(specs) + [specs[0]] * pad
         seeds = list(seeds) + [seeds[0]] * pad
@@ -144,18 +166,12 @@ class SyntheticGenerator:
         res = self.cfg.resolution
         # guidance_scale 1.0: diffusers runs classifier-free guidance only when guidance_scale > 1,
         # so there is one UNet pass per step and no unconditional branch (paper: scale 1.0)
-        out = self.pipe(
-            prompt_embeds=embeds,
-            guidance_scale=self.cfg.guidance_scale,
-            num_inference_steps=self.cfg.num_inference_steps,
-            eta=self.cfg.eta,
-            height=res,
-            width=res,
-            generator=generators,
-            output_type="np",
-        )
-        images = out.images
-        return [np.asarray(images[i], dtype=np.float32) for i in range(len(specs) - pad)]
+        batch = self.sampler.images(
+            embeds, generators, guidance_scale=self.cfg.guidance_scale, num_inference_steps=self.cfg.num_inference_steps,
+            eta=self.cfg.eta, height=res, width=res,
+        )  # fmt: skip
+        n = len(specs) - pad
+        return batch.pixels[:n], batch.bad[:n]
 
     def generate(self, specs: list[SampleSpec], progress: bool = False) -> list[GeneratedSample]:
         """Images for ``specs`` in order; bad (black/non-finite) ones retried with seed + 1, + 2, ..."""
@@ -165,7 +181,7 @@ class SyntheticGenerator:
         prompts = [self.prompt_for(s) for s in specs]
         todo = list(range(len(specs)))
         attempt = 0
-        m = self.cfg.batch_size
+        m = self.batch_size
         bar = tqdm(total=len(specs), desc="generate", unit="img", disable=not progress)
         try:
             while todo:
@@ -173,12 +189,12 @@ class SyntheticGenerator:
                 for start in range(0, len(todo), m):
                     chunk = todo[start : start + m]
                     seeds = [specs[i].seed + attempt for i in chunk]
-                    arrays = self._sample_batch([specs[i] for i in chunk], seeds)
-                    for i, arr, seed in zip(chunk, arrays, seeds):
-                        if is_bad_image(arr):
+                    pixels, is_bad = self._sample_batch([specs[i] for i in chunk], seeds)
+                    for i, image, seed, flagged in zip(chunk, pixels, seeds, is_bad):
+                        if flagged:
                             bad.append(i)
                             continue
-                        results[i] = GeneratedSample(Image.fromarray(to_uint8(arr), "RGB"), seed, attempt, prompts[i])
+                        results[i] = GeneratedSample(Image.fromarray(image, "RGB"), seed, attempt, prompts[i])
                         bar.update(1)
                 if bad and attempt >= self.cfg.max_retries:
                     i = bad[0]
