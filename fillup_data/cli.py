@@ -204,19 +204,13 @@ def cmd_preview(args) -> int:
 
 
 def cmd_regenerate(args) -> int:
-    import pyarrow.parquet as pq
+    from fillup_data.regenerate import regenerate_sample
 
-    from fillup_data import synthesis
-    from fillup_data.shards.writer import METADATA_KEYS
-
-    out = Path(args.out)
-    rows = pq.read_table(out / "index.parquet", filters=[("key", "=", args.key)]).to_pylist()
-    if not rows:
-        raise FillupError(f"{out / 'index.parquet'}: no sample with key {args.key!r}")
-    image = synthesis.regenerate(out, {k: rows[0][k] for k in METADATA_KEYS})
-    image.save(args.image)
-    print(f"regenerated {args.key} (class {rows[0]['label']} {rows[0]['class_name']!r}, seed {rows[0]['seed']}, "
-          f"token step {rows[0]['token_step']}) -> {args.image}")
+    res = regenerate_sample(Path(args.out), args.key)
+    res.image.save(args.image)
+    print(f"regenerated {args.key} -> {args.image}: {res.summary()}")
+    if args.require_exact and not res.exact:
+        return 1
     return 0
 
 
@@ -313,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="build folder")
     p.add_argument("--key", required=True, help="the sample's __key__")
     p.add_argument("--image", required=True, help="image file to write")
+    p.add_argument("--require-exact", action="store_true",
+                   help="exit with status 1 unless the stored image's bytes are reproduced")
     p.set_defaults(func=cmd_regenerate)
 
     p = sub.add_parser("export-token", help="write one checkpoint of a class token in diffusers format")

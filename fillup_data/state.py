@@ -219,12 +219,16 @@ def shard_record_path(out: Path, shard_name: str) -> Path:
 
 
 def shard_record(shard, num_samples: int, num_bytes: int, sha256: str, rows: list[dict], skipped: list,
-                 retries: int = 0) -> dict:
-    """What a task writes when its shard is renamed into place (``shard``: a ``plan.ShardPlan``)."""
-    return {
+                 retries: int = 0, pixel_setup: dict | None = None) -> dict:
+    """What a task writes when its shard is renamed into place (``shard``: a ``plan.ShardPlan``);
+    a synthetic shard also records the ``fastpath.pixel_setup`` its images were made with."""
+    record = {
         "path": shard.path, "split": shard.split, "origin": shard.origin, "num_samples": num_samples,
         "num_bytes": num_bytes, "sha256": sha256, "rows": rows, "skipped": skipped, "retries": retries,
     }
+    if pixel_setup is not None:
+        record["pixel_setup"] = pixel_setup
+    return record
 
 
 def save_shard_record(out: Path, shard, record: dict) -> None:

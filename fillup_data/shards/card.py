@@ -146,6 +146,19 @@ def card_figures(manifest: dict, include_real: bool = True) -> list[str]:
     return [DISTRIBUTION_PNG, SAMPLES_PNG if include_real or not has_syn else SYNTHETIC_SAMPLES_PNG]
 
 
+def _setups_line(manifest: dict) -> str:
+    """One line per distinct pixel setup of the build's synthetic shards (empty for older builds)."""
+    seen: dict[str, int] = {}
+    for sh in manifest.get("shards", []):
+        ps = sh.get("pixel_setup")
+        if ps:
+            text = (f"`{ps.get('device')}`, {ps.get('dtype')}, {'compiled' if ps.get('compile') else 'eager'}, "
+                    f"micro-batch {ps.get('micro_batch')}, torch {ps.get('torch')}, diffusers {ps.get('diffusers')}"
+                    + (f", {ps['cpu_threads']} CPU threads" if ps.get("cpu_threads") else ""))
+            seen[text] = seen.get(text, 0) + 1
+    return "".join(f"\nSynthetic shards made on {text}: {n}.\n" for text, n in seen.items())
+
+
 def render_card(manifest: dict, include_real: bool = True, repo_id: str | None = None, body_extra: str = "") -> str:
     meta = card_metadata(manifest, include_real)
     recipe = manifest["recipe"]
@@ -245,8 +258,10 @@ loader = make_loader(data, "filled", "train", batch_size=64, transform=train_tra
 ## Regenerate any synthetic image from its metadata
 
 Every synthetic image has its own seeded generator: its `json` (class, `seed`, `token_step`, `prompt`, guidance,
-steps, model) and this repo's `manifest.json` (scheduler, resolution, batch size) and token files regenerate it
-with identical pixels on CPU:
+steps, model) and this repo's `manifest.json` (scheduler, resolution, and per shard the `pixel_setup`: device kind,
+dtype, compile, micro-batch, torch and diffusers versions) and token files regenerate it. On the recorded setup the
+pixels are identical; elsewhere `fillup-data regenerate` reports the PSNR against the stored image.
+{_setups_line(manifest)}
 
 ```python
 from fillup_data.synthesis import regenerate

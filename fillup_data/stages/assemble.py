@@ -78,7 +78,8 @@ def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str,
             "train": {"real": sum(real), "synthetic": sum(syn)},
             **({"test": {"real": sum(test)}} if "test" in index.items else {}),
         },
-        "shards": [{k: rec[k] for k in ("path", "split", "origin", "num_samples", "num_bytes", "sha256")} for rec in records],
+        "shards": [{k: rec[k] for k in ("path", "split", "origin", "num_samples", "num_bytes", "sha256", "pixel_setup")
+                    if k in rec} for rec in records],
         "tokens": tokens,
         "skipped": len(skipped),
     }

@@ -21,7 +21,10 @@ def run_synthetic_shard(recipe: Recipe, plan: Plan, shard: ShardPlan, out: Path,
         return {"skipped": True}
     bar = tqdm(total=len(shard.samples), desc=f"generate {shard.name}", unit="img", disable=not progress,
                leave=False)
-    rows, _, retries, num_bytes, sha = synthesis.write_synthetic_shard(recipe, plan, shard, out, load_generator(), bar)
+    generator = load_generator()
+    rows, _, retries, num_bytes, sha = synthesis.write_synthetic_shard(recipe, plan, shard, out, generator, bar)
     bar.close()
-    save_shard_record(out, shard, shard_record(shard, len(rows), num_bytes, sha, rows, [], retries))
+    # what decided the pixels besides the metadata (device kind, dtype, compile, micro-batch, versions)
+    save_shard_record(out, shard, shard_record(shard, len(rows), num_bytes, sha, rows, [], retries,
+                                               pixel_setup=generator.pixel_setup()))
     return {"images": len(rows), "retries": retries}
