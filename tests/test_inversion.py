@@ -285,3 +285,51 @@ def test_bad_input_errors(tiny_pipe, tmp_path):
         TextualInversionTrainer(
             tiny_pipe, CFG.model_copy(update={"init_word": " "}), resolution=RES, seed=0, model_id="", model_revision=""
         )
+
+
+def _demo_recipe(*overrides):
+    from pathlib import Path
+
+    from fillup_data.recipe import load_recipe
+
+    return load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml",
+                       ["generator.model=builtin:tiny-sd", *overrides])
+
+
+def test_inversion_tasks_are_classes_per_task_slices_whatever_the_pass_width():
+    from types import SimpleNamespace
+
+    from fillup_data.stages.invert import inversion_groups
+
+    plan = SimpleNamespace(classes=[SimpleNamespace(index=i, synthetic=0 if i in (0, 4) else 5) for i in range(10)])
+    for per_pass in ("auto", "1", "3", "9"):
+        recipe = _demo_recipe("inversion.classes_per_task=3", f"inversion.classes_per_pass={per_pass}")
+        assert inversion_groups(recipe, plan) == [[1, 2, 3], [5, 6, 7], [8, 9]]
+    assert inversion_groups(_demo_recipe(), plan) == [[1, 2, 3, 5, 6, 7, 8, 9]]  # default 64 per task
+
+
+def test_invert_all_pins_auto_once_and_hands_all_classes_to_one_call(tiny_pipe, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import fillup_data.inversion as inversion_pkg
+    import fillup_data.stages.invert as invert_stage
+    from fillup_data import fastpath
+
+    calls = []
+    monkeypatch.setattr(inversion_pkg, "invert_classes", lambda pipe, jobs, **kw: calls.append((jobs, kw)))
+    monkeypatch.setattr(invert_stage, "load_class_images", lambda recipe, items: draw_class_images(len(items)))
+    plan = SimpleNamespace(classes=[SimpleNamespace(index=i, name=f"c{i}", synthetic=3) for i in range(5)])
+    index = SimpleNamespace(items={"train": [SimpleNamespace(label=i % 5) for i in range(10)]})
+    out = tmp_path / "out"
+    recipe = _demo_recipe("inversion.classes_per_pass=auto")
+    assert invert_stage.invert_all(recipe, plan, index, out, tiny_pipe, False) == 5
+    (jobs, kw), = calls  # one call, every unfinished class: the trainer's slots do the slicing
+    assert [j.class_index for j in jobs] == [0, 1, 2, 3, 4] and kw["classes_per_pass"] == 1  # CPU
+    pinned = json.loads(fastpath.pinned_path(out, "inversion.classes_per_pass").read_text())
+    assert pinned["value"] == 1
+    # a later worker (another machine, other free memory) uses the pinned value, not its own
+    fastpath.pinned_path(out, "inversion.classes_per_pass").write_text(json.dumps({"value": 7}))
+    invert_stage.invert_all(recipe, plan, index, out, tiny_pipe, False, classes=[3, 4])
+    assert [j.class_index for j in calls[1][0]] == [3, 4] and calls[1][1]["classes_per_pass"] == 7
+    invert_stage.invert_all(_demo_recipe("inversion.classes_per_pass=2"), plan, index, out, tiny_pipe, False)
+    assert calls[2][1]["classes_per_pass"] == 2  # an explicit int is used as given
