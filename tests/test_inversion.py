@@ -228,7 +228,8 @@ def test_resume_with_another_pass_width_still_resumes(tiny_pipe, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         invert_classes(tiny_pipe, [InversionJob(1, "red disc", images, out)], **SLOT_KW, step_callback=crash)
     steps_run = []
-    invert_classes(tiny_pipe, [InversionJob(1, "red disc", images, out)], **{**SLOT_KW, "classes_per_pass": 1},
+    other = SLOT_CFG.model_copy(update={"classes_per_pass": 1, "classes_per_task": 5, "compile": "auto"})
+    invert_classes(tiny_pipe, [InversionJob(1, "red disc", images, out)], **{**SLOT_KW, "cfg": other},
                    step_callback=lambda c, s, loss: steps_run.append(s))
     assert steps_run[0] == 11 and read_token_file(out).extra["classes_per_pass"] == 1
 
