@@ -387,7 +387,8 @@ class TextualInversionTrainer:
                 st.scaler.update()
             else:
                 st.optimizer.step()
-        return [float(class_losses[k].detach()) if st is not None else None for k, st in enumerate(slots)]
+        values = torch.stack([loss.detach() for loss in class_losses]).tolist()  # one host sync per pass
+        return [values[k] if st is not None else None for k, st in enumerate(slots)]
 
     def probe_pass(self, n_classes: int) -> None:
         """One training pass (forward and backward) of ``n_classes`` classes on dummy data, on the
