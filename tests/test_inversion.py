@@ -146,25 +146,137 @@ def test_stale_resume_state_is_discarded(tiny_pipe, trained, tmp_path):
     assert out.read_bytes() == trained["path"].read_bytes()
 
 
-def test_joint_training_matches_single_class_training(tiny_pipe, trained, tmp_path):
-    blue = draw_class_images(3, colour=(20, 20, 200), shape_colour=(240, 240, 0))
-    cfg = InversionConfig(steps_per_image=10, min_steps=20, max_steps=40, checkpoint_every=10)
-    jobs = [
-        InversionJob(3, "red disc", trained["images"], tmp_path / "joint" / "00003.safetensors"),
-        InversionJob(7, "blue disc", blue, tmp_path / "joint" / "00007.safetensors"),
+# Continuous batching at K=3 slots: A (2 images, 20 steps), B (4, 40) and C (3, 30) start together;
+# A finishes and D (3, 30) takes its slot at B's step 21; D runs its last 10 steps with two padded
+# slots. Checkpoints every 10 steps. (K=3: on this CPU a pass of 6 rows rounds differently from one of
+# 2, so a pass that shrank would show in the bytes; 2 and 4 rows happen to round alike.)
+SLOT_CFG = InversionConfig(steps_per_image=10, min_steps=20, max_steps=40, checkpoint_every=10, classes_per_pass=3)
+SLOT_KW = dict(cfg=SLOT_CFG, resolution=RES, seed=0, model_id="builtin:tiny-sd", model_revision="", progress=False)
+
+
+def _slot_jobs(folder):
+    return [
+        InversionJob(1, "red disc", draw_class_images(2), folder / "00001.safetensors"),
+        InversionJob(2, "blue disc", draw_class_images(4, colour=(20, 20, 200), shape_colour=(240, 240, 0)),
+                     folder / "00002.safetensors"),
+        InversionJob(5, "green disc", draw_class_images(3, colour=(20, 200, 20), shape_colour=(200, 0, 200)),
+                     folder / "00005.safetensors"),
+        InversionJob(6, "grey disc", draw_class_images(3, colour=(90, 90, 90), shape_colour=(250, 250, 250)),
+                     folder / "00006.safetensors"),
     ]
+
+
+@pytest.fixture(scope="module")
+def slotted(tiny_pipe, tmp_path_factory):
+    """The four classes through three slots, uninterrupted (D enters A's slot when A finishes)."""
+    jobs = _slot_jobs(tmp_path_factory.mktemp("slotted"))
+    invert_classes(tiny_pipe, jobs, **SLOT_KW)
+    return jobs
+
+
+def test_joint_training_matches_single_class_training(tiny_pipe, slotted, tmp_path):
+    """Exact: at the same K, a class trained with neighbours (in any slot, entering early or late when
+    a slot frees) ends with the same bytes as the class trained alone (its other slot padded)."""
+    steps = {job.class_index: read_token_file(job.out_path).steps for job in slotted}
+    assert steps == {1: 20, 2: 40, 5: 30, 6: 30}  # unequal: class 6 entered class 1's slot at step 21
+    for job in slotted:
+        alone = tmp_path / job.out_path.name
+        invert_classes(tiny_pipe, [InversionJob(job.class_index, job.class_name, job.images, alone)], **SLOT_KW)
+        assert alone.read_bytes() == job.out_path.read_bytes(), f"class {job.class_index}"
+    tf = read_token_file(slotted[1].out_path)
+    assert (tf.checkpoints[40] - tf.checkpoints[10]).abs().max() > 1e-2  # it did learn something
+
+
+def test_resume_mid_run_with_classes_at_other_steps_gives_same_bytes(tiny_pipe, slotted, tmp_path):
+    jobs = _slot_jobs(tmp_path)
+    order = []
+
+    def crash(class_index, step, loss):
+        order.append((class_index, step))
+        if class_index == 6 and step == 15:  # class 2 is at step 35 (its callback comes after, slot 1)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        invert_classes(tiny_pipe, jobs, **SLOT_KW, step_callback=crash)
+    assert (2, 34) in order and (6, 1) in order and order.index((6, 1)) > order.index((1, 20))
+    assert is_complete(jobs[0].out_path) and is_complete(jobs[2].out_path)
+    assert json.loads(load_safetensors(partial_path(jobs[1].out_path))[1]["step"]) == 30
+    assert json.loads(load_safetensors(partial_path(jobs[3].out_path))[1]["step"]) == 10
+
+    # class 2 resumes in slot 0 (it ran in slot 1) at step 31, class 6 in slot 1 (was 0) at step 11
+    resumed = []
+    invert_classes(tiny_pipe, jobs, **SLOT_KW, step_callback=lambda c, s, loss: resumed.append((c, s)))
+    assert resumed[:2] == [(2, 31), (6, 11)]
+    for job, ref in zip(jobs, slotted):
+        assert job.out_path.read_bytes() == ref.out_path.read_bytes(), f"class {job.class_index}"
+
+
+def test_token_file_records_how_it_was_computed(slotted):
+    extra = read_token_file(slotted[0].out_path).extra
+    assert extra["classes_per_pass"] == 3 and extra["compile"] is False
+    assert extra["device"].startswith("cpu:") and extra["dtype"] == "float32" and extra["mixed_precision"] == "no"
+
+
+def test_resume_with_another_pass_width_still_resumes(tiny_pipe, tmp_path):
+    images = draw_class_images(2)
+    out = tmp_path / "00001.safetensors"
+
+    def crash(class_index, step, loss):
+        if step == 15:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        invert_classes(tiny_pipe, [InversionJob(1, "red disc", images, out)], **SLOT_KW, step_callback=crash)
+    steps_run = []
+    other = SLOT_CFG.model_copy(update={"classes_per_pass": 1, "classes_per_task": 5, "compile": "auto"})
+    invert_classes(tiny_pipe, [InversionJob(1, "red disc", images, out)], **{**SLOT_KW, "cfg": other},
+                   step_callback=lambda c, s, loss: steps_run.append(s))
+    assert steps_run[0] == 11 and read_token_file(out).extra["classes_per_pass"] == 1
+
+
+def test_auto_classes_per_pass_on_cpu_and_cuda_sizing_with_fakes(tiny_pipe, monkeypatch):
+    from fillup_data import fastpath
+    from fillup_data.inversion.trainer import classes_per_pass_for, resolve_classes_per_pass
+
+    assert resolve_classes_per_pass(tiny_pipe, CFG, resolution=RES) == fastpath.CPU_CLASSES_PER_PASS
+    assert resolve_classes_per_pass(tiny_pipe, SLOT_CFG, resolution=RES) == 3  # an explicit int as given
+
+    trainer = TextualInversionTrainer(tiny_pipe, CFG, resolution=RES, seed=0, model_id="", model_revision="")
+    probed, asked = [], []
+
+    def fake_peak_of(device, run):
+        asked.append(str(device))
+
+        def peak_of(n):
+            run(n)  # the real probe: one forward and backward of n classes on the tiny pipeline
+            probed.append(n)
+            return 1000 + 100 * n  # 1000 bytes fixed, 100 per class
+
+        return peak_of
+
+    monkeypatch.setattr(fastpath, "cuda_peak_of", fake_peak_of)
+    monkeypatch.setattr(fastpath, "cuda_free_bytes", lambda device: 3000)
+    # budget 0.85 * 3000 = 2550 -> 1000 + 100 n fits up to n = 15; the largest candidate below is 12
+    assert classes_per_pass_for(torch.device("cuda"), trainer.probe_pass) == 12
+    assert probed == [1, 2] and asked == ["cuda"]
+    monkeypatch.setattr(fastpath, "cuda_free_bytes", lambda device: 10**9)
+    assert classes_per_pass_for("cuda:0", trainer.probe_pass) == max(fastpath.CLASSES_PER_PASS_CANDIDATES)
+    assert not any(p.requires_grad for p in tiny_pipe.unet.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_unet_trains_and_gives_identical_bytes(tiny_pipe, tmp_path):
+    cfg = InversionConfig(steps_per_image=1, min_steps=3, max_steps=3, checkpoint_every=3, compile=True,
+                          classes_per_pass=2)
     kw = dict(cfg=cfg, resolution=RES, seed=0, model_id="builtin:tiny-sd", model_revision="", progress=False)
-    invert_classes(tiny_pipe, jobs, **kw)
-    for job in jobs:
-        single = tmp_path / "single" / job.out_path.name
-        invert_classes(tiny_pipe, [InversionJob(job.class_index, job.class_name, job.images, single)], **kw)
-        a, b = read_token_file(job.out_path), read_token_file(single)
-        assert a.checkpoint_steps == b.checkpoint_steps == cfg.checkpoint_steps(len(job.images))
-        # same math; a batch of 4 rows instead of 2 changes float rounding, which Adam's
-        # normalized updates carry along (~3e-5 after 40 steps); vectors move by ~1e-1
-        for s in a.checkpoint_steps:
-            torch.testing.assert_close(a.checkpoints[s], b.checkpoints[s], rtol=0, atol=2e-4)
-        assert (a.checkpoints[a.steps] - a.checkpoints[10]).abs().max() > 1e-2
+    images = draw_class_images(2)
+    paths = []
+    for run in ("a", "b"):
+        paths.append(invert_classes(tiny_pipe, [InversionJob(1, "red disc", images, tmp_path / run / "t.safetensors")],
+                                    **kw)[0])
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    tf = read_token_file(paths[0])
+    assert tf.extra["compile"] is True and tf.steps == 3 and all(torch.isfinite(v).all() for v in tf.checkpoints.values())
 
 
 def test_bad_input_errors(tiny_pipe, tmp_path):
@@ -174,3 +286,51 @@ def test_bad_input_errors(tiny_pipe, tmp_path):
         TextualInversionTrainer(
             tiny_pipe, CFG.model_copy(update={"init_word": " "}), resolution=RES, seed=0, model_id="", model_revision=""
         )
+
+
+def _demo_recipe(*overrides):
+    from pathlib import Path
+
+    from fillup_data.recipe import load_recipe
+
+    return load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml",
+                       ["generator.model=builtin:tiny-sd", *overrides])
+
+
+def test_inversion_tasks_are_classes_per_task_slices_whatever_the_pass_width():
+    from types import SimpleNamespace
+
+    from fillup_data.stages.invert import inversion_groups
+
+    plan = SimpleNamespace(classes=[SimpleNamespace(index=i, synthetic=0 if i in (0, 4) else 5) for i in range(10)])
+    for per_pass in ("auto", "1", "3", "9"):
+        recipe = _demo_recipe("inversion.classes_per_task=3", f"inversion.classes_per_pass={per_pass}")
+        assert inversion_groups(recipe, plan) == [[1, 2, 3], [5, 6, 7], [8, 9]]
+    assert inversion_groups(_demo_recipe(), plan) == [[1, 2, 3, 5, 6, 7, 8, 9]]  # default 64 per task
+
+
+def test_invert_all_pins_auto_once_and_hands_all_classes_to_one_call(tiny_pipe, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import fillup_data.inversion as inversion_pkg
+    import fillup_data.stages.invert as invert_stage
+    from fillup_data import fastpath
+
+    calls = []
+    monkeypatch.setattr(inversion_pkg, "invert_classes", lambda pipe, jobs, **kw: calls.append((jobs, kw)))
+    monkeypatch.setattr(invert_stage, "load_class_images", lambda recipe, items: draw_class_images(len(items)))
+    plan = SimpleNamespace(classes=[SimpleNamespace(index=i, name=f"c{i}", synthetic=3) for i in range(5)])
+    index = SimpleNamespace(items={"train": [SimpleNamespace(label=i % 5) for i in range(10)]})
+    out = tmp_path / "out"
+    recipe = _demo_recipe("inversion.classes_per_pass=auto")
+    assert invert_stage.invert_all(recipe, plan, index, out, tiny_pipe, False) == 5
+    (jobs, kw), = calls  # one call, every unfinished class: the trainer's slots do the slicing
+    assert [j.class_index for j in jobs] == [0, 1, 2, 3, 4] and kw["classes_per_pass"] == 1  # CPU
+    pinned = json.loads(fastpath.pinned_path(out, "inversion.classes_per_pass").read_text())
+    assert pinned["value"] == 1
+    # a later worker (another machine, other free memory) uses the pinned value, not its own
+    fastpath.pinned_path(out, "inversion.classes_per_pass").write_text(json.dumps({"value": 7}))
+    invert_stage.invert_all(recipe, plan, index, out, tiny_pipe, False, classes=[3, 4])
+    assert [j.class_index for j in calls[1][0]] == [3, 4] and calls[1][1]["classes_per_pass"] == 7
+    invert_stage.invert_all(_demo_recipe("inversion.classes_per_pass=2"), plan, index, out, tiny_pipe, False)
+    assert calls[2][1]["classes_per_pass"] == 2  # an explicit int is used as given

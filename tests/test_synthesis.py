@@ -127,7 +127,8 @@ def test_killed_twice_resumes_to_identical_bytes(ti_build, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run_build(mini(), out, **QUIET)
     assert (out / "tokens" / "00003.partial.safetensors").is_file()
-    assert main(["status", str(out)]) == 0  # 7 real shards done; 9 classes invert in one pass, none finished
+    # 7 real shards done; the 9 classes are one task of 9 slots (demo.yaml's classes_per_pass), none finished
+    assert main(["status", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == [f"{out}: in progress; shards 7/10 done; tokens 0/9 done",
                          "phase A (real shards + inversion groups): 7/8 tasks done"]
@@ -177,8 +178,8 @@ def test_status_after_some_classes_are_inverted(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(inversion, "invert_classes", crash_in_class_3)
     out = tmp_path / "out"
-    # one class per pass: classes 1 and 2 finish before class 3 is killed (class 0 needs no token)
-    recipe = mini("inversion.classes_per_pass=1", "inversion.min_steps=10", "inversion.max_steps=10")
+    # one class per task (and per pass): classes 1 and 2 finish before class 3 is killed (class 0 needs no token)
+    recipe = mini("inversion.classes_per_task=1", "inversion.classes_per_pass=1", "inversion.min_steps=10", "inversion.max_steps=10")
     with pytest.raises(KeyboardInterrupt):
         run_build(recipe, out, **QUIET)
     assert sorted(p.name for p in (out / "tokens").glob("*.safetensors")) == [

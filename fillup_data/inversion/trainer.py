@@ -2,14 +2,25 @@
 
 One multi-vector token per class is learned from that class's real images by minimizing the
 noise-prediction error (paper eq. 2) with the text encoder, UNet and VAE frozen. The loop trains
-a list of classes jointly: each class has its own token, AdamW state and step counter, and the
-loss is a sum of per-class means, so every token's gradient is the one single-class training
+a list of classes jointly by continuous batching: K slots (K = ``inversion.classes_per_pass``,
+resolved from free memory when ``auto``); every optimizer step is one UNet pass over exactly K
+classes' rows (K x ``batch_size``). Jobs wait in order; a class that finishes leaves its slot to
+the next waiting class at the next step, and slots left empty at the end are filled with padding
+rows (copies of an active class's draws with a detached token) whose loss is not counted and which
+give no gradient to any token. Each class has its own token, AdamW state and step counter, and
+the loss is a sum of per-class means, so every token's gradient is the one single-class training
 gives. ``invert_class`` is the list-of-one case.
 
 Reproducibility: every random draw of class ``c`` at step ``s`` (images, flips, templates,
 timesteps, noise, latent samples) comes from a generator seeded by ``(seed, c, s)``. A run
-resumed from a checkpoint therefore needs no saved RNG state and ends with the same bytes as an
-uninterrupted run, and a class's draws do not depend on which classes share its batch.
+resumed from a checkpoint therefore needs no saved RNG state. Because every pass has the same
+shape and rows do not interact (eval mode, per-sample norms and attention), on a fixed device,
+dtype, K and compile setting a class's token bytes do not depend on which classes share its
+passes, on when it entered a slot, or on a resume (tested); a compiled UNet also sees one shape
+and never recompiles. A different K changes the pass shape and so the last bits (a float
+reduction of other sizes), like another device does. K, compile, device and dtype are recorded in
+each token file; they are not part of the resume check, so a run resumed with another K still
+resumes (its later steps then carry the other K's rounding).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fillup_data import fastpath
 from fillup_data.errors import FillupError
 from fillup_data.state import write_bytes_durably
 from fillup_data.inversion.token_file import (
@@ -57,6 +69,9 @@ TEMPLATES = (
 assert all(MARKER in t for t in TEMPLATES)
 
 StepCallback = Callable[[int, int, float], None]  # (class_index, step, loss)
+# How the work is scheduled, not what is learned: a resume state made with other values is used
+# (recorded in the token file's ``extra`` instead).
+_NOT_RESUME_SETTINGS = ("classes_per_pass", "classes_per_task", "compile")
 
 
 @dataclass
@@ -143,7 +158,10 @@ class TextualInversionTrainer:
         model_revision: str,
         progress: bool = True,
         step_callback: StepCallback | None = None,
+        classes_per_pass: int | None = None,
     ):
+        """``classes_per_pass`` overrides ``cfg.classes_per_pass`` (the build passes its pinned value);
+        ``auto`` is resolved here, on first use (see ``resolve_classes_per_pass``)."""
         from diffusers import DDPMScheduler
 
         self.pipe = pipe
@@ -169,6 +187,23 @@ class TextualInversionTrainer:
             module.requires_grad_(False)
             module.eval()
         self._init_vectors = self._init_from_word(cfg.init_word)
+        setting = classes_per_pass if classes_per_pass is not None else cfg.classes_per_pass
+        self._classes_per_pass = None if setting == "auto" else int(setting)
+        if self._classes_per_pass is not None and self._classes_per_pass < 1:
+            raise FillupError(f"inversion.classes_per_pass must be auto or a positive integer, got {setting!r}")
+        self.compiled = fastpath.compile_enabled(cfg.compile, self.device)
+        self.unet = pipe.unet
+        if self.compiled:
+            fastpath.configure_compile_cache()
+            # one shape per trainer (the fixed pass): dynamic=False, never a recompile
+            self.unet = torch.compile(pipe.unet, dynamic=False)
+
+    @property
+    def classes_per_pass(self) -> int:
+        """K, the pass width; ``auto`` resolved once per trainer."""
+        if self._classes_per_pass is None:
+            self._classes_per_pass = classes_per_pass_for(self.device, self.probe_pass)
+        return self._classes_per_pass
 
     # ------------------------------------------------------------------ set-up
     def _init_from_word(self, word: str) -> torch.Tensor:
@@ -193,7 +228,8 @@ class TextualInversionTrainer:
             "resolution": self.resolution,
             "model_id": self.model_id,
             "model_revision": self.model_revision,
-            "inversion": c.model_dump(mode="json") if hasattr(c, "model_dump") else dict(vars(c)),
+            "inversion": {k: v for k, v in (c.model_dump(mode="json") if hasattr(c, "model_dump") else dict(vars(c))).items()
+                          if k not in _NOT_RESUME_SETTINGS},
         }
 
     @torch.no_grad()
@@ -301,24 +337,10 @@ class TextualInversionTrainer:
         latents = (st.latent_mean[views] + st.latent_std[views] * eps_latent) * scaling
         return latents, noise, timesteps, [TEMPLATES[t] for t in templates]
 
-    def _train_step(self, states: list[_ClassState]) -> list[float]:
-        """One optimizer step for each class in ``states``, sharing one UNet pass."""
-        latents, noise, timesteps, prompts, vectors, owners = [], [], [], [], [], []
-        tokenizer = self.pipe.tokenizer
-        for k, st in enumerate(states):
-            lat, nz, ts, texts = self._draw(st, st.step + 1)
-            latents.append(lat)
-            noise.append(nz)
-            timesteps.append(ts)
-            for text in texts:
-                prompts.append(encode_placeholder_prompt(tokenizer, text, self.cfg.num_vectors))
-                vectors.append(st.token)
-            owners.extend([k] * len(texts))
-        latents = torch.cat(latents).to(self.device)
-        noise = torch.cat(noise).to(self.device)
-        timesteps = torch.cat(timesteps).to(self.device)
+    def _pass_losses(self, latents, noise, timesteps, prompts, vectors, owners, n_owners: int, unet) -> list:
+        """One UNet pass over all rows; the mean loss of each owner's rows (owner -1: padding, not counted)."""
+        latents, noise, timesteps = latents.to(self.device), noise.to(self.device), timesteps.to(self.device)
         owners_t = torch.tensor(owners, device=self.device)
-
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -326,23 +348,66 @@ class TextualInversionTrainer:
             target = noise
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             cond = encode_text(self.pipe.text_encoder, prompts, vectors, self.device)
-            pred = self.pipe.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=cond.to(self.dtype)).sample
+            pred = unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=cond.to(self.dtype)).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        # sum of per-class means: each token's gradient equals its single-class gradient
-        class_losses = [per_sample[owners_t == k].mean() for k in range(len(states))]
-        total = sum(
-            (st.scaler.scale(loss) if st.scaler is not None else loss) for st, loss in zip(states, class_losses)
-        )
-        for st in states:
+        return [per_sample[owners_t == k].mean() for k in range(n_owners)]
+
+    def _train_step(self, slots: list[_ClassState | None]) -> list[float | None]:
+        """One optimizer step for each class in ``slots``, sharing one UNet pass of exactly
+        ``len(slots)`` classes' rows: an empty slot (None) gets padding rows, a copy of the first
+        active class's draws with a detached token, so the pass shape never changes."""
+        latents, noise, timesteps, prompts, vectors, owners = [], [], [], [], [], []
+        tokenizer = self.pipe.tokenizer
+        draws = {}
+        for k, st in enumerate(slots):
+            if st is not None:
+                draws[k] = self._draw(st, st.step + 1)
+        first = min(draws)
+        for k, st in enumerate(slots):
+            lat, nz, ts, texts = draws[k] if st is not None else draws[first]
+            latents.append(lat)
+            noise.append(nz)
+            timesteps.append(ts)
+            # padding: no gradient reaches any token, and its loss is not counted
+            vec = st.token if st is not None else slots[first].token.detach()
+            for text in texts:
+                prompts.append(encode_placeholder_prompt(tokenizer, text, self.cfg.num_vectors))
+                vectors.append(vec)
+            owners.extend([k if st is not None else -1] * len(texts))
+        class_losses = self._pass_losses(torch.cat(latents), torch.cat(noise), torch.cat(timesteps), prompts,
+                                         vectors, owners, len(slots), self.unet)
+        active = [(st, class_losses[k]) for k, st in enumerate(slots) if st is not None]
+        total = sum((st.scaler.scale(loss) if st.scaler is not None else loss) for st, loss in active)
+        for st, _ in active:
             st.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        for st in states:
+        for st, _ in active:
             if st.scaler is not None:
                 st.scaler.step(st.optimizer)
                 st.scaler.update()
             else:
                 st.optimizer.step()
-        return [float(loss.detach()) for loss in class_losses]
+        values = torch.stack([loss.detach() for loss in class_losses]).tolist()  # one host sync per pass
+        return [values[k] if st is not None else None for k, st in enumerate(slots)]
+
+    def probe_pass(self, n_classes: int) -> None:
+        """One training pass (forward and backward) of ``n_classes`` classes on dummy data, on the
+        eager UNet, to measure its peak memory; no token or optimizer is touched."""
+        bsz = self.cfg.batch_size
+        scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        side = self.resolution // scale
+        rows = n_classes * bsz
+        shape = (rows, self.unet_in_channels, side, side)
+        tokens = [self._init_vectors.clone().to(self.device).requires_grad_(True) for _ in range(n_classes)]
+        prompt = encode_placeholder_prompt(self.pipe.tokenizer, TEMPLATES[0], self.cfg.num_vectors)
+        losses = self._pass_losses(torch.zeros(shape), torch.zeros(shape), torch.zeros(rows, dtype=torch.long),
+                                   [prompt] * rows, [tokens[r // bsz] for r in range(rows)],
+                                   [r // bsz for r in range(rows)], n_classes, self.pipe.unet)
+        sum(losses).backward()
+
+    @property
+    def unet_in_channels(self) -> int:
+        return int(self.pipe.unet.config.in_channels)
 
     def _finish_step(self, st: _ClassState, loss: float) -> None:
         st.step += 1
@@ -382,6 +447,11 @@ class TextualInversionTrainer:
                 "templates": "textual_inversion_imagenet_small",
                 "latents": "posterior_sample_per_step",
                 "mixed_precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "no",
+                # how it was computed (decides the last bits; not part of the resume check)
+                "classes_per_pass": self.classes_per_pass,
+                "compile": self.compiled,
+                "device": fastpath.device_description(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
                 "first_loss": st.losses[0] if st.losses else None,
                 "final_loss": st.losses[-1] if st.losses else None,
             },
@@ -391,31 +461,40 @@ class TextualInversionTrainer:
         return path
 
     def train(self, jobs: list[InversionJob]) -> list[Path]:
-        """Train every job not already complete; returns the token file paths in job order."""
+        """Train every job not already complete; returns the token file paths in job order.
+
+        Continuous batching: ``classes_per_pass`` slots; a waiting class enters a free slot (its
+        latents encoded and its resume state read then) before the next pass."""
         from tqdm.auto import tqdm
 
-        pending = [job for job in jobs if not is_complete(job.out_path)]
-        states: list[_ClassState] = []
+        waiting = [job for job in jobs if not is_complete(job.out_path)]
+        waiting.reverse()  # pop() takes them in order
+        n_slots = self.classes_per_pass if waiting else 1
+        slots: list[_ClassState | None] = [None] * n_slots
         try:
-            for pos, job in enumerate(pending):
-                st = self._new_state(job)
-                if self.progress:
-                    st.bar = tqdm(
-                        total=st.total_steps,
-                        initial=st.step,
-                        desc=f"invert {job.class_index:05d} {job.class_name}"[:48],
-                        unit="step",
-                        position=pos if len(pending) > 1 else None,
-                        leave=len(pending) == 1,
-                    )
-                states.append(st)
-            active = [st for st in states if st.step < st.total_steps]
-            for st in states:
-                if st.step >= st.total_steps:
-                    self._finalize(st)
-            while active:
-                losses = self._train_step(active)
-                for st, loss in zip(list(active), losses):
+            while True:
+                for k in range(n_slots):
+                    while slots[k] is None and waiting:
+                        st = self._new_state(waiting.pop())
+                        if st.step >= st.total_steps:  # finished before, only its token file was missing
+                            self._finalize(st)
+                            continue
+                        if self.progress:
+                            st.bar = tqdm(
+                                total=st.total_steps,
+                                initial=st.step,
+                                desc=f"invert {st.job.class_index:05d} {st.job.class_name}"[:48],
+                                unit="step",
+                                position=k if n_slots > 1 else None,
+                                leave=n_slots == 1,
+                            )
+                        slots[k] = st
+                if all(st is None for st in slots):
+                    break
+                losses = self._train_step(slots)
+                for k, (st, loss) in enumerate(zip(list(slots), losses)):
+                    if st is None:
+                        continue
                     if not math.isfinite(loss):
                         raise FillupError(
                             f"class {st.job.class_index} ({st.job.class_name!r}): Textual Inversion loss became "
@@ -425,12 +504,35 @@ class TextualInversionTrainer:
                     self._finish_step(st, loss)
                     if st.step >= st.total_steps:
                         self._finalize(st)
-                active = [st for st in active if st.step < st.total_steps]
+                        if st.bar is not None:
+                            st.bar.close()
+                        slots[k] = None
         finally:
-            for st in states:
-                if st.bar is not None:
+            for st in slots:
+                if st is not None and st.bar is not None:
                     st.bar.close()
         return [Path(job.out_path) for job in jobs]
+
+
+def classes_per_pass_for(device, probe: Callable[[int], None]) -> int:
+    """``auto`` classes per pass: ``fastpath.CPU_CLASSES_PER_PASS`` off CUDA; on CUDA the largest
+    candidate whose measured peak (``probe(n)``: one training pass of n classes) fits free memory."""
+    if torch.device(device).type != "cuda":
+        return fastpath.CPU_CLASSES_PER_PASS
+    return fastpath.largest_fitting(
+        fastpath.CLASSES_PER_PASS_CANDIDATES,
+        fastpath.cuda_peak_of(device, probe),
+        fastpath.cuda_free_bytes(device),
+    )
+
+
+def resolve_classes_per_pass(pipe, cfg, *, resolution: int) -> int:
+    """``cfg.classes_per_pass`` as an int for this pipeline's device (``auto`` measured)."""
+    if cfg.classes_per_pass != "auto":
+        return int(cfg.classes_per_pass)
+    trainer = TextualInversionTrainer(pipe, cfg.model_copy(update={"compile": False}), resolution=resolution, seed=0,
+                                      model_id="", model_revision="", progress=False)
+    return trainer.classes_per_pass
 
 
 @torch.no_grad()
@@ -484,8 +586,10 @@ def invert_classes(
     model_revision: str,
     progress: bool = True,
     step_callback: StepCallback | None = None,
+    classes_per_pass: int | None = None,
 ) -> list[Path]:
-    """Learn one token per job, jointly (one UNet pass per step for all unfinished classes).
+    """Learn one token per job, ``classes_per_pass`` classes per UNet pass (continuous batching;
+    default ``cfg.classes_per_pass``).
 
     Complete token files are skipped; interrupted classes resume from their last checkpoint.
     """
@@ -498,6 +602,7 @@ def invert_classes(
         model_revision=model_revision,
         progress=progress,
         step_callback=step_callback,
+        classes_per_pass=classes_per_pass,
     )
     return trainer.train(jobs)
 
@@ -539,7 +644,9 @@ __all__ = [
     "TextualInversionTrainer",
     "invert_class",
     "invert_classes",
+    "classes_per_pass_for",
     "partial_path",
+    "resolve_classes_per_pass",
     "preprocess_image",
     "token_name",
 ]

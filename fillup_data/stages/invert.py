@@ -1,16 +1,19 @@
-"""Stage 4, invert: Textual Inversion of one group of classes, trained jointly in one UNet pass.
+"""Stage 4, invert: Textual Inversion of one group of classes (one task), by continuous batching.
 
-Groups are fixed slices of the plan's class order (``inversion.classes_per_pass`` classes each), so a
-group's members never change after a partial run; each class's trajectory is independent of its
-neighbours (tested), so the token bytes do not depend on the grouping either. A group also exports its
-classes' last checkpoint in the diffusers format, then writes its completion record.
+Groups are fixed slices of the plan's class order (``inversion.classes_per_task`` classes each), so a
+group's members never change after a partial run. Within a task the trainer runs K =
+``inversion.classes_per_pass`` slots; ``auto`` is resolved once per build and pinned
+(``.fillup/pinned/inversion.classes_per_pass.json``), so every worker and resume uses the same K. Every
+pass has the fixed shape K x ``batch_size`` rows, so on a fixed device, dtype and compile setting a
+class's token bytes do not depend on the grouping, on its neighbours, on when it entered a slot or on
+a resume (tested); they do depend on K, the device kind, dtype and compile setting (recorded in each
+token file). A group also exports its classes' last checkpoint in the diffusers format, then writes
+its completion record.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from fillup_data.errors import FillupError
 from fillup_data.index import SourceIndex
@@ -39,7 +42,9 @@ def load_class_images(recipe: Recipe, items: list[SourceItem]) -> list:
 def invert_all(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, pipe, progress: bool,
                classes: list[int] | None = None, step_callback=None) -> int:
     """Train the token of every class with synthetic images to make; returns how many were trained."""
+    from fillup_data.fastpath import pin_setting
     from fillup_data.inversion import InversionJob, invert_classes, is_complete
+    from fillup_data.inversion.trainer import resolve_classes_per_pass
 
     wanted = classes if classes is not None else [c.index for c in plan.classes if c.synthetic > 0]
     todo = [c for c in wanted if not is_complete(token_path(out, c))]
@@ -49,22 +54,21 @@ def invert_all(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, pipe, 
     by_class: dict[int, list[SourceItem]] = {}
     for it in index.items["train"]:
         by_class.setdefault(it.label, []).append(it)
-    per_pass = recipe.inversion.classes_per_pass
     resolution = recipe.inversion.resolution or recipe.generator.resolution
-    bar = tqdm(total=len(todo), desc="invert classes", unit="class", disable=not progress or len(todo) < 2)
-    for start in range(0, len(todo), per_pass):
-        group = todo[start : start + per_pass]
-        jobs = []
-        for c in group:
-            images = load_class_images(recipe, by_class.get(c, []))
-            if not images:
-                raise FillupError(f"class {c} {plan.classes[c].name!r}: no readable training images left to invert")
-            jobs.append(InversionJob(c, plan.classes[c].name, images, token_path(out, c)))
-        invert_classes(pipe, jobs, cfg=recipe.inversion, resolution=resolution, seed=recipe.seed,
-                       model_id=recipe.generator.model, model_revision=model_revision(recipe),
-                       progress=progress, step_callback=step_callback)
-        bar.update(len(group))
-    bar.close()
+    per_pass = recipe.inversion.classes_per_pass
+    if per_pass == "auto":
+        per_pass = pin_setting(out, "inversion.classes_per_pass",
+                               lambda: resolve_classes_per_pass(pipe, recipe.inversion, resolution=resolution))
+    jobs = []
+    for c in todo:
+        images = load_class_images(recipe, by_class.get(c, []))
+        if not images:
+            raise FillupError(f"class {c} {plan.classes[c].name!r}: no readable training images left to invert")
+        jobs.append(InversionJob(c, plan.classes[c].name, images, token_path(out, c)))
+    # all of them in one call: the trainer's slots take the next class as soon as one finishes
+    invert_classes(pipe, jobs, cfg=recipe.inversion, resolution=resolution, seed=recipe.seed,
+                   model_id=recipe.generator.model, model_revision=model_revision(recipe),
+                   progress=progress, step_callback=step_callback, classes_per_pass=int(per_pass))
     return len(todo)
 
 
@@ -84,11 +88,12 @@ def export_final_tokens(out: Path, classes: list[int]) -> None:
 
 
 def inversion_groups(recipe: Recipe, plan: Plan) -> list[list[int]]:
-    """The classes that need a token, in plan order, cut into groups of ``classes_per_pass``."""
+    """The classes that need a token, in plan order, cut into groups (tasks) of ``classes_per_task``
+    (independent of the pass width K, so the task list does not depend on the machine)."""
     if recipe.generator.strategy != "textual_inversion":
         return []
     wanted = [c.index for c in plan.classes if c.synthetic > 0]
-    per = recipe.inversion.classes_per_pass
+    per = recipe.inversion.classes_per_task
     return [wanted[i : i + per] for i in range(0, len(wanted), per)]
 
 
