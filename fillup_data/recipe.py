@@ -191,6 +191,10 @@ class InversionConfig(_Strict):
         64, ge=1, description="classes per inversion task (the unit a worker claims); fixed slices of the plan"
     )
     compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile of the UNet; auto = on for CUDA
+    # keep every pass K classes wide (empty slots padded) so a class's token bytes never depend on its
+    # neighbours, a resume or the timing, and a compiled UNet sees one shape; auto = on when compiled
+    # (eager passes shrink as classes finish: no compute spent on padding, exact only to float rounding)
+    pad_passes: Union[bool, Literal["auto"]] = "auto"
 
     @field_validator("classes_per_pass")
     @classmethod

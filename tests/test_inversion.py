@@ -150,7 +150,8 @@ def test_stale_resume_state_is_discarded(tiny_pipe, trained, tmp_path):
 # A finishes and D (3, 30) takes its slot at B's step 21; D runs its last 10 steps with two padded
 # slots. Checkpoints every 10 steps. (K=3: on this CPU a pass of 6 rows rounds differently from one of
 # 2, so a pass that shrank would show in the bytes; 2 and 4 rows happen to round alike.)
-SLOT_CFG = InversionConfig(steps_per_image=10, min_steps=20, max_steps=40, checkpoint_every=10, classes_per_pass=3)
+SLOT_CFG = InversionConfig(steps_per_image=10, min_steps=20, max_steps=40, checkpoint_every=10, classes_per_pass=3,
+                           pad_passes=True)
 SLOT_KW = dict(cfg=SLOT_CFG, resolution=RES, seed=0, model_id="builtin:tiny-sd", model_revision="", progress=False)
 
 
@@ -209,6 +210,33 @@ def test_resume_mid_run_with_classes_at_other_steps_gives_same_bytes(tiny_pipe, 
     assert resumed[:2] == [(2, 31), (6, 11)]
     for job, ref in zip(jobs, slotted):
         assert job.out_path.read_bytes() == ref.out_path.read_bytes(), f"class {job.class_index}"
+
+
+def test_passes_are_padded_only_when_asked_or_compiled(tiny_pipe, tmp_path, monkeypatch):
+    """pad_passes auto (eager here): the pass shrinks as classes finish (no compute on padding rows, the
+    CPU demo's case); pad_passes true: every pass is K classes wide. Either way the same steps are run."""
+    from fillup_data.inversion.trainer import TextualInversionTrainer
+
+    rows = []
+    real = TextualInversionTrainer._pass_losses
+
+    def count(self, latents, *args, **kw):
+        rows.append(latents.shape[0])
+        return real(self, latents, *args, **kw)
+
+    monkeypatch.setattr(TextualInversionTrainer, "_pass_losses", count)
+    bsz = SLOT_CFG.batch_size
+    for pad, folder in ((True, "padded"), ("auto", "shrinking")):
+        rows.clear()
+        kw = {**SLOT_KW, "cfg": SLOT_CFG.model_copy(update={"pad_passes": pad})}
+        invert_classes(tiny_pipe, _slot_jobs(tmp_path / folder), **kw)
+        # steps 20/40/30/30 in three slots; class 6 enters class 1's slot at pass 21: 50 passes
+        if pad is True:
+            assert rows == [3 * bsz] * 50
+        else:  # class 5 ends after pass 30, class 2 after 40, class 6 runs alone to 50
+            assert rows == [3 * bsz] * 30 + [2 * bsz] * 10 + [1 * bsz] * 10
+        extra = read_token_file(tmp_path / folder / "00002.safetensors").extra
+        assert extra["pad_passes"] is (pad is True)
 
 
 def test_token_file_records_how_it_was_computed(slotted):

@@ -5,19 +5,21 @@ noise-prediction error (paper eq. 2) with the text encoder, UNet and VAE frozen.
 a list of classes jointly by continuous batching: K slots (K = ``inversion.classes_per_pass``,
 resolved from free memory when ``auto``); every optimizer step is one UNet pass over exactly K
 classes' rows (K x ``batch_size``). Jobs wait in order; a class that finishes leaves its slot to
-the next waiting class at the next step, and slots left empty at the end are filled with padding
-rows (copies of an active class's draws with a detached token) whose loss is not counted and which
-give no gradient to any token. Each class has its own token, AdamW state and step counter, and
+the next waiting class at the next step. With ``inversion.pad_passes`` (auto: when the UNet is
+compiled) slots left empty at the end are filled with padding rows (copies of an active class's draws
+with a detached token) whose loss is not counted and which give no gradient to any token; without it
+the pass shrinks as classes finish (eager CPU runs such as the demo spend nothing on padding). Each class has its own token, AdamW state and step counter, and
 the loss is a sum of per-class means, so every token's gradient is the one single-class training
 gives. ``invert_class`` is the list-of-one case.
 
 Reproducibility: every random draw of class ``c`` at step ``s`` (images, flips, templates,
 timesteps, noise, latent samples) comes from a generator seeded by ``(seed, c, s)``. A run
-resumed from a checkpoint therefore needs no saved RNG state. Because every pass has the same
+resumed from a checkpoint therefore needs no saved RNG state. With padded passes every pass has the same
 shape and rows do not interact (eval mode, per-sample norms and attention), on a fixed device,
 dtype, K and compile setting a class's token bytes do not depend on which classes share its
 passes, on when it entered a slot, or on a resume (tested); a compiled UNet also sees one shape
-and never recompiles. A different K changes the pass shape and so the last bits (a float
+and never recompiles (without padding, a pass's width follows its neighbours' progress, so tokens
+match single-class training to float rounding only). A different K changes the pass shape and so the last bits (a float
 reduction of other sizes), like another device does. K, compile, device and dtype are recorded in
 each token file; they are not part of the resume check, so a run resumed with another K still
 resumes (its later steps then carry the other K's rounding).
@@ -71,7 +73,7 @@ assert all(MARKER in t for t in TEMPLATES)
 StepCallback = Callable[[int, int, float], None]  # (class_index, step, loss)
 # How the work is scheduled, not what is learned: a resume state made with other values is used
 # (recorded in the token file's ``extra`` instead).
-_NOT_RESUME_SETTINGS = ("classes_per_pass", "classes_per_task", "compile")
+_NOT_RESUME_SETTINGS = ("classes_per_pass", "classes_per_task", "compile", "pad_passes")
 
 
 @dataclass
@@ -197,6 +199,8 @@ class TextualInversionTrainer:
             fastpath.configure_compile_cache()
             # one shape per trainer (the fixed pass): dynamic=False, never a recompile
             self.unet = torch.compile(pipe.unet, dynamic=False)
+        # fixed pass shape: on when compiled (auto), or as set
+        self.pad_passes = self.compiled if cfg.pad_passes == "auto" else bool(cfg.pad_passes)
 
     @property
     def classes_per_pass(self) -> int:
@@ -364,6 +368,8 @@ class TextualInversionTrainer:
                 draws[k] = self._draw(st, st.step + 1)
         first = min(draws)
         for k, st in enumerate(slots):
+            if st is None and not self.pad_passes:
+                continue  # eager without padding: the pass shrinks as classes finish
             lat, nz, ts, texts = draws[k] if st is not None else draws[first]
             latents.append(lat)
             noise.append(nz)
@@ -387,7 +393,8 @@ class TextualInversionTrainer:
                 st.scaler.update()
             else:
                 st.optimizer.step()
-        values = torch.stack([loss.detach() for loss in class_losses]).tolist()  # one host sync per pass
+        # one host sync per pass (an empty slot's loss is NaN without padding rows and never read)
+        values = torch.stack([loss.detach() for loss in class_losses]).tolist()
         return [values[k] if st is not None else None for k, st in enumerate(slots)]
 
     def probe_pass(self, n_classes: int) -> None:
@@ -450,6 +457,7 @@ class TextualInversionTrainer:
                 # how it was computed (decides the last bits; not part of the resume check)
                 "classes_per_pass": self.classes_per_pass,
                 "compile": self.compiled,
+                "pad_passes": self.pad_passes,
                 "device": fastpath.device_description(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "first_loss": st.losses[0] if st.losses else None,

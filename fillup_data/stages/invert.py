@@ -3,11 +3,11 @@
 Groups are fixed slices of the plan's class order (``inversion.classes_per_task`` classes each), so a
 group's members never change after a partial run. Within a task the trainer runs K =
 ``inversion.classes_per_pass`` slots; ``auto`` is resolved once per build and pinned
-(``.fillup/pinned/inversion.classes_per_pass.json``), so every worker and resume uses the same K. Every
-pass has the fixed shape K x ``batch_size`` rows, so on a fixed device, dtype and compile setting a
-class's token bytes do not depend on the grouping, on its neighbours, on when it entered a slot or on
+(``.fillup/pinned/inversion.classes_per_pass.json``), so every worker and resume uses the same K. With
+``inversion.pad_passes`` (auto: on when compiled, i.e. on CUDA) every pass has the fixed shape K x
+``batch_size`` rows, so on a fixed device, dtype and compile setting a class's token bytes do not depend on the grouping, on its neighbours, on when it entered a slot or on
 a resume (tested); they do depend on K, the device kind, dtype and compile setting (recorded in each
-token file). A group also exports its classes' last checkpoint in the diffusers format, then writes
+token file). Without padding (eager, e.g. the CPU demo) they match to float rounding. A group also exports its classes' last checkpoint in the diffusers format, then writes
 its completion record.
 """
 
