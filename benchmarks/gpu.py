@@ -227,14 +227,6 @@ def row_build(s: Setting) -> Row:
                       "max_steps": s.build_inversion_steps, "checkpoint_every": s.build_inversion_steps},
         "shards": {"image_format": "jpg", "max_samples": 100},
     })
-    if not s.device.startswith("cuda"):
-        # the values ``auto`` resolves to on CPU (fastpath), written out so this row also runs on code
-        # whose build stages predate ``auto``
-        from fillup_data.fastpath import CPU_CLASSES_PER_PASS, CPU_GENERATION_BATCH
-
-        recipe = recipe.model_copy(update={
-            "generator": recipe.generator.model_copy(update={"batch_size": CPU_GENERATION_BATCH}),
-            "inversion": recipe.inversion.model_copy(update={"classes_per_pass": CPU_CLASSES_PER_PASS})})
     _reset_peak(s.device)
     with tempfile.TemporaryDirectory(prefix="fillup-gpu-bench-build-") as tmp:
         t0 = time.perf_counter()

@@ -45,21 +45,10 @@ class BenchResult:
                                        "on this kind of device)"])
 
 
-class _FirstPassDone(Exception):
-    """Raised from the step callback once the first pass's timed steps are in: the rest of the jobs
-    (there to fill an ``auto`` pass) need not run."""
-
-
 def _generator_for(pipe, cfg, names):
     from fillup_data.generation import SyntheticGenerator
 
-    gen = SyntheticGenerator(pipe, cfg, names)
-    if getattr(gen, "batch_size", None) is None and cfg.batch_size == "auto":
-        # a generator that does not resolve ``auto`` itself: the CPU value (fastpath)
-        from fillup_data.fastpath import CPU_GENERATION_BATCH
-
-        gen = SyntheticGenerator(pipe, cfg.model_copy(update={"batch_size": CPU_GENERATION_BATCH}), names)
-    return gen
+    return SyntheticGenerator(pipe, cfg, names)  # resolves batch_size auto itself
 
 
 def _timed_batch(gen, specs, steps: int) -> float:
@@ -103,41 +92,30 @@ def measure_inversion(pipe, recipe: Recipe, timed_steps: int, device: str) -> di
     import numpy as np
     from PIL import Image
 
-    from fillup_data.fastpath import CLASSES_PER_PASS_CANDIDATES, CPU_CLASSES_PER_PASS, compile_enabled
+    from fillup_data.fastpath import compile_enabled
     from fillup_data.inversion import InversionJob, invert_classes
+    from fillup_data.inversion.trainer import resolve_classes_per_pass
 
     inv = recipe.inversion
     res = inv.resolution or recipe.generator.resolution
     total = INVERSION_WARMUP_STEPS + timed_steps
     cfg = inv.model_copy(update={"min_steps": total, "max_steps": total, "checkpoint_every": total})
-    if inv.classes_per_pass != "auto":
-        jobs_n = int(inv.classes_per_pass)
-    else:
-        jobs_n = max(CLASSES_PER_PASS_CANDIDATES) if str(device).startswith("cuda") else CPU_CLASSES_PER_PASS
+    # K jobs of equal length: every pass is full, as in the middle of a real task
+    width = resolve_classes_per_pass(pipe, inv, resolution=res)
+    cfg = cfg.model_copy(update={"classes_per_pass": width})
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)) for _ in range(2)]
-    events: list[tuple[float, int, int]] = []  # (time, class, step)
-    first_pass: set[int] = set()
+    marks: dict[int, float] = {}  # step -> time the pass's last class reported it
 
     def on_step(class_index: int, step: int, loss: float) -> None:
-        events.append((time.perf_counter(), class_index, step))
-        if step == 1 and not any(s > 1 for _, _, s in events):
-            first_pass.add(class_index)
-        if step == total and first_pass and all(
-                any(c == k and s == total for _, c, s in events) for k in first_pass):
-            raise _FirstPassDone
+        marks[step] = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="fillup-bench-") as tmp:
-        jobs = [InversionJob(c, f"bench class {c}", images, Path(tmp) / f"{c:05d}.safetensors") for c in range(jobs_n)]
+        jobs = [InversionJob(c, f"bench class {c}", images, Path(tmp) / f"{c:05d}.safetensors") for c in range(width)]
         t0 = time.perf_counter()
-        try:
-            invert_classes(pipe, jobs, cfg=cfg, resolution=res, seed=0, model_id=recipe.generator.model,
-                           model_revision=recipe.generator.revision or "", progress=False, step_callback=on_step)
-        except _FirstPassDone:
-            pass
-    width = len(first_pass)
-    warm_end = max(t for t, c, s in events if c in first_pass and s == INVERSION_WARMUP_STEPS)
-    end = max(t for t, c, s in events if c in first_pass and s == total)
+        invert_classes(pipe, jobs, cfg=cfg, resolution=res, seed=0, model_id=recipe.generator.model,
+                       model_revision=recipe.generator.revision or "", progress=False, step_callback=on_step)
+    warm_end, end = marks[INVERSION_WARMUP_STEPS], marks[total]
     rate = width * timed_steps / max(end - warm_end, 1e-9)
     compiled = compile_enabled(inv.compile, device)
     return {
