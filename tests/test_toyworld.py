@@ -297,8 +297,8 @@ def patch_world_oracle(monkeypatch, drawn_as: dict[tuple[str, str], str] | None 
                 name = self.class_names[spec.class_index]
             colour, shape = name.split(" ", 1)
             image, _ = world.draw(drawn_as.get((shape, colour), shape), colour, [int(seed), 0x0A])
-            out.append(np.asarray(image, dtype=np.float32) / 255.0)
-        return out
+            out.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        return np.stack(out), np.zeros(len(out), dtype=bool)  # finished uint8 rows, none bad
 
     monkeypatch.setattr(SyntheticGenerator, "_sample_batch", sample)
 
