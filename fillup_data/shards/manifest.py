@@ -1,4 +1,6 @@
-"""The build's record (``manifest.json``, contract) and the per-sample ``index.parquet`` (contract)."""
+"""The per-sample ``index.parquet`` (contract): written by the assemble stage, read by regenerate,
+the figures and the experiment.  Its columns derive from ``fillup_data.schema.sample``; the build's
+record, ``manifest.json``, is ``fillup_data.schema.manifest.Manifest``."""
 
 from __future__ import annotations
 
@@ -8,34 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fillup_data.errors import FillupError
-from fillup_data.shards.writer import METADATA_KEYS, encodes_as_utf8, show_undecodable
-from fillup_data.state import read_json_record, replace_durably, unique_temp_path
+from fillup_data.schema.sample import METADATA_KEYS, as_current, index_schema
+from fillup_data.shards.writer import encodes_as_utf8, show_undecodable
+from fillup_data.state import replace_durably, unique_temp_path
 
-MANIFEST_KEYS = ("name", "version", "fingerprint", "recipe", "classes", "shards")
-
-INDEX_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("shard", pa.string()),
-        ("split", pa.string()),
-        ("offset", pa.int64()),
-        ("size", pa.int64()),
-        ("image_offset", pa.int64()),
-        ("image_size", pa.int64()),
-        ("label", pa.int64()),
-        ("class_name", pa.string()),
-        ("is_synthetic", pa.bool_()),
-        ("strategy", pa.string()),
-        ("prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("token_step", pa.int64()),
-        ("guidance_scale", pa.float64()),
-        ("num_inference_steps", pa.int64()),
-        ("model", pa.string()),
-        ("source_path", pa.string()),
-        ("retries", pa.int64()),
-    ]
-)
+INDEX_SCHEMA = index_schema()
 
 
 def write_index(path: Path, rows: list[dict]) -> None:
@@ -58,6 +37,21 @@ def write_index(path: Path, rows: list[dict]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def read_index(path: Path, columns: list[str] | None = None, filters=None) -> list[dict]:
+    """Rows of ``index.parquet`` (all columns, or ``columns``), each with every current metadata key: a
+    build made before a key was added gets it at its not-applicable value (``source_key`` = "")."""
+    present = set(pq.read_schema(path).names)
+    wanted = None if columns is None else [c for c in columns if c in present]
+    rows = pq.read_table(path, columns=wanted, filters=filters).to_pylist()
+    rows = [as_current(r) for r in rows]
+    if columns is not None:
+        missing = [c for c in columns if c not in present and c not in METADATA_KEYS]
+        if missing:
+            raise FillupError(f"{path}: no column {missing[0]!r}; rebuild with `fillup-data build`")
+        rows = [{c: r[c] for c in columns} for r in rows]
+    return rows
+
+
 def index_row(record, shard_path: str, split: str, metadata: dict, retries: int = 0) -> dict:
     row = {
         "key": record.key,
@@ -71,13 +65,3 @@ def index_row(record, shard_path: str, split: str, metadata: dict, retries: int 
     }
     row.update({k: metadata[k] for k in METADATA_KEYS})
     return row
-
-
-def read_manifest(out: Path) -> dict:
-    path = Path(out) / "manifest.json"
-    if not path.is_file():
-        raise FillupError(f"{path}: no manifest (is {out} a finished fillup-data build?)")
-    manifest = read_json_record(path)
-    if manifest is None:
-        raise FillupError(f"{path}: unreadable (empty or not JSON); relaunch the build with the same --out to rewrite it")
-    return manifest
