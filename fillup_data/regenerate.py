@@ -20,7 +20,7 @@ import numpy as np
 
 from fillup_data.errors import FillupError
 from fillup_data.schema.manifest import Manifest
-from fillup_data.schema.sample import METADATA_KEYS, as_current
+from fillup_data.schema import sample as sample_schema
 
 
 @dataclass
@@ -129,7 +129,7 @@ def regenerate(build: str | Path, metadata: dict, pipe=None, setup: dict | None 
     build = Path(build)
     manifest = Manifest.read(build / "manifest.json")
     setup = setup if setup is not None else shard_setup(manifest, None)
-    return _regenerate(build, manifest, as_current(metadata), setup, pipe)[0]
+    return _regenerate(build, manifest, sample_schema.as_current(metadata), setup, pipe)[0]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -157,7 +157,8 @@ def regenerate_sample(build: str | Path, key: str, pipe=None) -> Regenerated:
     row = rows[0]
     manifest = Manifest.read(build / "manifest.json")
     setup = shard_setup(manifest, row["shard"])
-    image, recipe, current = _regenerate(build, manifest, {k: row[k] for k in METADATA_KEYS}, setup, pipe)
+    metadata = {k: row[k] for k in sample_schema.METADATA_KEYS}
+    image, recipe, current = _regenerate(build, manifest, metadata, setup, pipe)
     try:
         with open(build / row["shard"], "rb") as f:
             f.seek(row["image_offset"])

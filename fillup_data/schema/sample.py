@@ -119,9 +119,9 @@ def as_current(meta: dict) -> dict:
     return {**meta, **{f.name: f.not_applicable for f in FIELDS if f.since > 1 and f.name not in meta}}
 
 
-def json_features(keys: tuple[str, ...] | list[str] = METADATA_KEYS) -> list[dict]:
-    """The card's ``json`` struct for a build whose samples hold ``keys``."""
-    return [{"name": k, "dtype": FIELD_BY_NAME[k].feature_dtype} for k in keys]
+def json_features(keys: tuple[str, ...] | list[str] | None = None) -> list[dict]:
+    """The card's ``json`` struct for a build whose samples hold ``keys`` (default: new builds' keys)."""
+    return [{"name": k, "dtype": FIELD_BY_NAME[k].feature_dtype} for k in (METADATA_KEYS if keys is None else keys)]
 
 
 # index.parquet: where each sample lies, then its metadata, then how many seeds it took.
@@ -132,9 +132,11 @@ INDEX_LOCATION_COLUMNS = (
 INDEX_TRAILING_COLUMNS = (("retries", int),)
 
 
-def index_schema(keys: tuple[str, ...] | list[str] = METADATA_KEYS):
-    """The Arrow schema of ``index.parquet`` for a build whose samples hold ``keys``."""
+def index_schema(keys: tuple[str, ...] | list[str] | None = None):
+    """The Arrow schema of ``index.parquet`` for a build whose samples hold ``keys`` (default: new builds' keys)."""
     import pyarrow as pa
+
+    keys = METADATA_KEYS if keys is None else keys
 
     def arrow(t: type):
         return getattr(pa, _ENCODINGS[t][0])()

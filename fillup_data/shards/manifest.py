@@ -10,17 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fillup_data.errors import FillupError
-from fillup_data.schema.sample import METADATA_KEYS, as_current, index_schema
+from fillup_data.schema import sample as sample_schema
 from fillup_data.shards.writer import encodes_as_utf8, show_undecodable
 from fillup_data.state import replace_durably, unique_temp_path
 
-INDEX_SCHEMA = index_schema()
-
-
 def write_index(path: Path, rows: list[dict]) -> None:
-    cols = {f.name: [r.get(f.name, 0 if f.name == "retries" else None) for r in rows] for f in INDEX_SCHEMA}
+    schema = sample_schema.index_schema()
+    cols = {f.name: [r.get(f.name, 0 if f.name == "retries" else None) for r in rows] for f in schema}
     try:
-        table = pa.table(cols, schema=INDEX_SCHEMA)
+        table = pa.table(cols, schema=schema)
     except UnicodeEncodeError:
         key, name, value = next((r["key"], k, v) for r in rows for k, v in r.items()
                                 if isinstance(v, str) and not encodes_as_utf8(v))
@@ -43,9 +41,9 @@ def read_index(path: Path, columns: list[str] | None = None, filters=None) -> li
     present = set(pq.read_schema(path).names)
     wanted = None if columns is None else [c for c in columns if c in present]
     rows = pq.read_table(path, columns=wanted, filters=filters).to_pylist()
-    rows = [as_current(r) for r in rows]
+    rows = [sample_schema.as_current(r) for r in rows]
     if columns is not None:
-        missing = [c for c in columns if c not in present and c not in METADATA_KEYS]
+        missing = [c for c in columns if c not in present and c not in sample_schema.METADATA_KEYS]
         if missing:
             raise FillupError(f"{path}: no column {missing[0]!r}; rebuild with `fillup-data build`")
         rows = [{c: r[c] for c in columns} for r in rows]
@@ -63,5 +61,5 @@ def index_row(record, shard_path: str, split: str, metadata: dict, retries: int 
         "image_size": record.image_size,
         "retries": retries,
     }
-    row.update({k: metadata[k] for k in METADATA_KEYS})
+    row.update({k: metadata[k] for k in sample_schema.METADATA_KEYS})
     return row

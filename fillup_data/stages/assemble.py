@@ -12,7 +12,7 @@ from fillup_data.index import SourceIndex
 from fillup_data.plan import Plan
 from fillup_data.recipe import Recipe
 from fillup_data.schema.manifest import ClassEntry, Manifest, ShardEntry, TokenEntry
-from fillup_data.schema.sample import METADATA_KEYS
+from fillup_data.schema import sample as sample_schema
 from fillup_data.shards.card import render_card
 from fillup_data.shards.manifest import write_index
 from fillup_data.shards.writer import sha256_file
@@ -82,7 +82,7 @@ def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str,
                            rec.get("sha256"), rec.get("pixel_setup")) for rec in records],
         tokens=tokens,
         skipped=len(skipped),
-        sample_keys=list(METADATA_KEYS),
+        sample_keys=list(sample_schema.METADATA_KEYS),
     )
     record.write(out / "manifest.json")
     manifest = record.to_dict()  # the card and figures read the manifest as published
