@@ -50,7 +50,7 @@ def synthetic_fidelity(build: Path) -> dict:
     from PIL import Image
 
     from fillup_data.schema.manifest import Manifest
-    from fillup_data.shards.manifest import read_index
+    from fillup_data.shards.index_parquet import read_index
     from fillup_data.toyworld.classifier import classify, load_classifier
 
     manifest = Manifest.read(build / "manifest.json")

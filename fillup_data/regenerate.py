@@ -147,7 +147,7 @@ def regenerate_sample(build: str | Path, key: str, pipe=None) -> Regenerated:
     from PIL import Image
 
     from fillup_data.fastpath import setup_differences
-    from fillup_data.shards.manifest import read_index
+    from fillup_data.shards.index_parquet import read_index
     from fillup_data.shards.writer import encode_image
 
     build = Path(build)

@@ -20,7 +20,7 @@ from fillup_data import fastpath
 from fillup_data.plan import Plan, ShardPlan
 from fillup_data.recipe import Recipe
 from fillup_data.schema import sample as sample_schema
-from fillup_data.shards.manifest import index_row
+from fillup_data.shards.index_parquet import index_row
 from fillup_data.shards.writer import ShardWriter, encode_image
 from fillup_data.stages.invert import token_path
 

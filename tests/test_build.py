@@ -452,7 +452,7 @@ def test_every_record_and_shard_is_fsynced_with_its_folder(tmp_path, monkeypatch
 
 
 def test_file_names_that_are_not_utf8_are_a_clear_error(tmp_path):
-    from fillup_data.shards.manifest import write_index
+    from fillup_data.shards.index_parquet import write_index
     from fillup_data.schema.sample import real_metadata
     from fillup_data.shards.writer import ShardWriter
     from fillup_data.state import write_json_atomic

@@ -19,7 +19,7 @@ from fillup_data.schema.manifest import Manifest
 from fillup_data.schema.sample import (METADATA_KEYS, keys_of_version, real_metadata, synthetic_metadata,
                                        validate)
 from fillup_data.shards.card import features, render_card
-from fillup_data.shards.manifest import index_row, read_index, write_index
+from fillup_data.shards.index_parquet import index_row, read_index, write_index
 from fillup_data.shards.writer import ShardWriter
 from fillup_data.state import write_json_atomic
 

@@ -113,8 +113,8 @@ class Build:
             ) from None
         headers = build_hf_headers(token=token)
         return cls(
-            Manifest.read(mpath, f"{where}:manifest.json"), f"{where}:manifest.json", repo_id=repo_id, revision=revision,
-            endpoint=endpoint, headers=headers,
+            Manifest.read(mpath, f"{where}:manifest.json"), f"{where}:manifest.json", repo_id=repo_id,
+            revision=revision, endpoint=endpoint, headers=headers,
         )
 
     # ---- what the manifest says

@@ -133,7 +133,8 @@ class Manifest(_Record):
             raise FillupError(f"{where}: the manifest is not a JSON object; {REBUILD}")
         for key in CONTRACT_KEYS:
             if key not in data:
-                raise FillupError(f"{where}: missing key {key!r}; the build is incomplete or from another tool: {REBUILD}")
+                raise FillupError(f"{where}: missing key {key!r}; the build is incomplete or from another tool: "
+                                  f"{REBUILD}")
         for key in ("classes", "shards"):
             if not isinstance(data[key], list):
                 raise FillupError(f"{where}: missing or malformed {key!r} list; {REBUILD}")
@@ -182,7 +183,8 @@ class Manifest(_Record):
                     "absolute paths or URLs); the manifest is damaged or was not written by `fillup-data build`"
                 )
             if not _is_count(s.num_samples):
-                raise FillupError(f"{where}: shards[{i}].num_samples {s.num_samples!r} is not a count (an integer >= 0)")
+                raise FillupError(f"{where}: shards[{i}].num_samples {s.num_samples!r} is not a count "
+                                  "(an integer >= 0)")
         if self.sample_keys is not None:
             unknown = [k for k in self.sample_keys if k not in FIELD_BY_NAME]
             if unknown:

@@ -70,7 +70,7 @@ def sample_grid(out: Path, manifest: dict, path: Path, per_side: int = 4, cell: 
                 include_real: bool = True) -> Path:
     """Rows of head, medium and tail classes: real training images beside synthetic ones (or synthetic only)."""
     from fillup_data.generation.preview import preview_grid
-    from fillup_data.shards.manifest import read_index
+    from fillup_data.shards.index_parquet import read_index
 
     rows = read_index(out / "index.parquet", columns=["key", "shard", "split", "image_offset", "image_size",
                                                       "label", "is_synthetic"])

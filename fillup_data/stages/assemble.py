@@ -14,7 +14,7 @@ from fillup_data.recipe import Recipe
 from fillup_data.schema.manifest import ClassEntry, Manifest, ShardEntry, TokenEntry
 from fillup_data.schema import sample as sample_schema
 from fillup_data.shards.card import render_card
-from fillup_data.shards.manifest import write_index
+from fillup_data.shards.index_parquet import write_index
 from fillup_data.shards.writer import sha256_file
 from fillup_data.state import completed_shard, forget_shard, verify_shard, write_json_atomic
 
