@@ -102,14 +102,13 @@ def validate(meta: dict, where: str = "sample metadata") -> dict:
         v = meta[f.name]
         if v is None:
             raise ValueError(f"{where}: metadata {f.name!r} is null")
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if f.type is float and number:
-            v = float(v)
-        elif f.type is int and not (isinstance(v, int) and not isinstance(v, bool)):
-            raise ValueError(f"{where}: metadata {f.name!r} must be int, got {v!r}")
-        elif f.type is not float and not isinstance(v, f.type) or f.type is float and not number:
+        if f.type is float:  # an int is a float; a bool or a string is not
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        else:  # bool is a subclass of int: an int key refuses True, a bool key refuses 1
+            ok = isinstance(v, f.type) and isinstance(v, bool) == (f.type is bool)
+        if not ok:
             raise ValueError(f"{where}: metadata {f.name!r} must be {f.type.__name__}, got {v!r}")
-        out[f.name] = v
+        out[f.name] = float(v) if f.type is float else v
     return out
 
 
