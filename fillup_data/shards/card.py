@@ -224,8 +224,9 @@ fillup-data version {manifest.get('package_version', '')}.
 - `synthetic`: synthetic images only{"" if has_syn else " (none in this build)"}
 
 Every sample has `{ext}` (the image), `cls` (class index, a `ClassLabel`) and `json` with the same keys in every
-sample: `{'`, `'.join(sample_keys_in(manifest))}`. `is_synthetic` flags real vs synthetic; `seed`, `token_step`, `prompt`,
-`guidance_scale` and `num_inference_steps` regenerate any synthetic image; `source_path` names a real image's file.
+sample: `{'`, `'.join(sample_keys_in(manifest))}`. `is_synthetic` flags real vs synthetic; `seed`, `token_step`,
+`prompt`, `guidance_scale` and `num_inference_steps` regenerate any synthetic image; `source_path` names a real image's
+file.
 
 ## How to load
 

@@ -11,8 +11,8 @@ from fillup_data.errors import FillupError
 from fillup_data.index import SourceIndex
 from fillup_data.plan import Plan
 from fillup_data.recipe import Recipe
-from fillup_data.schema.manifest import ClassEntry, Manifest, ShardEntry, TokenEntry
 from fillup_data.schema import sample as sample_schema
+from fillup_data.schema.manifest import ClassEntry, Manifest, ShardEntry, TokenEntry
 from fillup_data.shards.card import render_card
 from fillup_data.shards.index_parquet import write_index
 from fillup_data.shards.writer import sha256_file
