@@ -118,18 +118,18 @@ def cmd_status(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from fillup_data.shards.manifest import read_manifest
+    from fillup_data.schema.manifest import Manifest
     from fillup_data.shards.writer import sha256_file
 
     out = Path(args.out)
-    manifest = read_manifest(out)
+    manifest = Manifest.read(out / "manifest.json")
     bad = 0
     from tqdm.auto import tqdm
 
-    for s in tqdm(manifest["shards"], desc="verify shards", unit="shard"):
-        path = out / s["path"]
+    for s in tqdm(manifest.shards, desc="verify shards", unit="shard"):
+        path = out / s.path
         if not path.is_file():
-            print(f"MISSING  {s['path']}")
+            print(f"MISSING  {s.path}")
             bad += 1
             continue
         sha = sha256_file(path)
@@ -137,20 +137,20 @@ def cmd_inspect(args) -> int:
             with tarfile.open(path) as tar:
                 keys = {m.name.split(".", 1)[0] for m in tar.getmembers()}
         except tarfile.TarError as err:
-            print(f"BROKEN   {s['path']}: {err}")
+            print(f"BROKEN   {s.path}: {err}")
             bad += 1
             continue
-        if sha != s["sha256"]:
-            print(f"SHA256   {s['path']}: {sha} != manifest {s['sha256']}")
+        if sha != s.sha256:
+            print(f"SHA256   {s.path}: {sha} != manifest {s.sha256}")
             bad += 1
-        elif len(keys) != s["num_samples"]:
-            print(f"COUNT    {s['path']}: {len(keys)} samples != manifest {s['num_samples']}")
+        elif len(keys) != s.num_samples:
+            print(f"COUNT    {s.path}: {len(keys)} samples != manifest {s.num_samples}")
             bad += 1
-    print(f"{manifest['name']} {manifest['version']} (fingerprint {manifest['fingerprint'][:12]}): "
-          f"{len(manifest['classes'])} classes, imbalance factor {manifest.get('imbalance_factor')}")
+    print(f"{manifest.name} {manifest.version} (fingerprint {manifest.fingerprint[:12]}): "
+          f"{len(manifest.classes)} classes, imbalance factor {manifest.imbalance_factor}")
     print(_manifest_group_table(manifest))
-    total = sum(s["num_samples"] for s in manifest["shards"])
-    print(f"{len(manifest['shards'])} shards, {total:,} samples: "
+    total = sum(s.num_samples for s in manifest.shards)
+    print(f"{len(manifest.shards)} shards, {total:,} samples: "
           + ("all sha256 and sample counts match the manifest" if not bad else f"{bad} shard(s) FAILED verification"))
     return 0 if not bad else 1
 
@@ -227,12 +227,14 @@ def cmd_export_token(args) -> int:
     return 0
 
 
-def _manifest_group_table(manifest: dict) -> str:
+def _manifest_group_table(manifest) -> str:
+    from fillup_data.schema.groups import GROUPS
+
     head = f"{'group':<8}{'classes':>9}{'real':>11}{'synthetic':>12}{'total':>11}{'test':>9}"
     lines = [head, "-" * len(head)]
-    for g in ("many", "medium", "few", "all"):
-        cs = [c for c in manifest["classes"] if g == "all" or c["group"] == g]
-        r, s, t = (sum(c[k] for c in cs) for k in ("real", "synthetic", "test"))
+    for g in (*GROUPS, "all"):
+        cs = [c for c in manifest.classes if g == "all" or c.group == g]
+        r, s, t = (sum(c.real for c in cs), sum(c.synthetic for c in cs), sum(c.test for c in cs))
         if g == "all":
             lines.append("-" * len(head))
         lines.append(f"{g:<8}{len(cs):>9}{r:>11,}{s:>12,}{r + s:>11,}{t:>9,}")

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from fillup_data.schema.groups import GROUPS, count_groups
+
 METHODS = (
     ("CE baseline", "ce", [("1", ["stage1.data=real", "stage1.loss=cross_entropy"])]),
     ("BS", "bs", [("1", ["stage1.data=real", "stage1.loss=balanced_softmax"])]),
@@ -29,7 +31,8 @@ METHODS = (
     ("Fill-Up Stage I + II + BS", "fillup2", [("1", ["stage1.data=filled", "stage1.loss=balanced_softmax"]),
                                               ("2", ["stage2.data=real", "stage2.loss=balanced_softmax"])]),
 )
-GROUPS = ("overall", "many", "medium", "few")
+# the table's columns: overall accuracy, then the paper's groups
+COLUMNS = ("overall", *GROUPS)
 
 
 def _cli(args: list[str]) -> None:
@@ -44,17 +47,18 @@ def synthetic_fidelity(build: Path) -> dict:
     """World-classifier accuracy (shape and colour both right) on every class's synthetic images."""
     import io
 
-    import pyarrow.parquet as pq
     from PIL import Image
 
+    from fillup_data.schema.manifest import Manifest
+    from fillup_data.shards.index_parquet import read_index
     from fillup_data.toyworld.classifier import classify, load_classifier
 
-    manifest = json.loads((build / "manifest.json").read_text())
-    rows = [r for r in pq.read_table(build / "index.parquet").to_pylist() if r["is_synthetic"]]
+    manifest = Manifest.read(build / "manifest.json")
+    rows = [r for r in read_index(build / "index.parquet") if r["is_synthetic"]]
     model = load_classifier()
     per_class = {}
-    for c in manifest["classes"]:
-        mine = [r for r in rows if r["label"] == c["index"]]
+    for c in manifest.classes:
+        mine = [r for r in rows if r["label"] == c.index]
         if not mine:
             continue
         images = []
@@ -62,10 +66,10 @@ def synthetic_fidelity(build: Path) -> dict:
             with open(build / r["shard"], "rb") as f:
                 f.seek(r["image_offset"])
                 images.append(Image.open(io.BytesIO(f.read(r["image_size"]))).convert("RGB"))
-        colour, shape = c["name"].split(" ", 1)
+        colour, shape = c.name.split(" ", 1)
         preds = classify(model, images)
-        per_class[c["name"]] = {
-            "n": len(images), "group": c["group"], "real": c["real"],
+        per_class[c.name] = {
+            "n": len(images), "group": c.group, "real": c.real,
             "both": sum(p == (shape, colour) for p in preds) / len(preds),
             "shape": sum(p[0] == shape for p in preds) / len(preds),
             "colour": sum(p[1] == colour for p in preds) / len(preds),
@@ -124,18 +128,19 @@ def run(recipe: Path, train_config: Path, seeds: list[int], out: Path, results: 
     table = {}
     for title, ms in runs.items():
         row = {}
-        for g in GROUPS:
+        for g in COLUMNS:
             vals = [_top1(m, g) for m in ms]
             ok = [v for v in vals if v == v]  # a group with no classes has no accuracy (NaN)
             row[g] = {"mean": statistics.fmean(ok) if ok else None,
                       "std": statistics.stdev(ok) if len(ok) > 1 else (0.0 if ok else None), "values": vals}
         table[title] = row
     fidelity = synthetic_fidelity(build)
-    manifest = json.loads((build / "manifest.json").read_text())
+    # only the classes' groups are read: the build is this run's own
+    classes = json.loads((build / "manifest.json").read_text())["classes"]
     result = {"seeds": seeds, "table": table, "fidelity": fidelity, "minutes": (time.time() - t0) / 60,
               "provenance": prov,
               "recipe": str(recipe), "train_config": str(train_config),
-              "groups": {g: sum(1 for c in manifest["classes"] if c["group"] == g) for g in ("many", "medium", "few")}}
+              "groups": count_groups(classes)}
     results.mkdir(parents=True, exist_ok=True)
     (results / "demo_experiment.json").write_text(json.dumps(_no_nan(result), indent=2) + "\n")
     (results / "demo_experiment.md").write_text(format_table(result) + "\n")
@@ -169,7 +174,7 @@ def format_table(result: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for title, row in result["table"].items():
-        cells = ["–" if row[k]["mean"] is None else f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" for k in GROUPS]
+        cells = ["–" if row[k]["mean"] is None else f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" for k in COLUMNS]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     fid = result["fidelity"]
     lines += ["", f"Synthetic-image fidelity (world classifier, shape and colour both right; chance "

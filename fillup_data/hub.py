@@ -88,21 +88,16 @@ class _LocalFile:
 
 # --------------------------------------------------------------------------- what to upload
 def _read_manifest(out: Path) -> dict:
+    """The build's manifest, checked against the contract, in its JSON form (what the card and the
+    upload read); publishing also needs every shard's size."""
+    from fillup_data.schema.manifest import Manifest
+
     path = out / "manifest.json"
-    if not path.is_file():
-        raise FillupError(f"{path}: no manifest: is {out} a finished build? Run `fillup-data build ... --out {out}`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise FillupError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); rebuild with `fillup-data build`") from None
-    for key in ("name", "version", "fingerprint", "recipe", "classes", "shards"):
-        if key not in manifest:
-            raise FillupError(f"{path}: missing key {key!r}; the build is incomplete or from another tool: rebuild it")
-    for i, s in enumerate(manifest["shards"]):
-        for key in ("path", "split", "origin", "num_samples", "num_bytes"):
-            if key not in s:
-                raise FillupError(f"{path}: shards[{i}] has no {key!r}; rebuild with `fillup-data build`")
-    return manifest
+    manifest = Manifest.read(path)
+    for i, s in enumerate(manifest.shards):
+        if s.num_bytes is None:
+            raise FillupError(f"{path}: shards[{i}] has no 'num_bytes'; rebuild with `fillup-data build`")
+    return manifest.to_dict()
 
 
 def _is_real(shard: dict) -> bool:

@@ -14,21 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fillup_data.index import SourceIndex
-from fillup_data.recipe import GroupsConfig, Recipe
+from fillup_data.recipe import Recipe
+from fillup_data.schema.groups import GROUPS, group_of
 from fillup_data.sources import SourceItem
 
-GROUPS = ("many", "medium", "few")
 _ORIGIN_CODE = {"real": 0, "synthetic": 1}
 _SPLIT_CODE = {"train": 0, "test": 1}
-
-
-def group_of(real_count: int, groups: GroupsConfig) -> str:
-    """Paper 4.2: many > 100, medium 20-100, few < 20 real training images (thresholds configurable)."""
-    if real_count > groups.many_above:
-        return "many"
-    if real_count < groups.few_below:
-        return "few"
-    return "medium"
 
 
 def synthetic_counts(real: list[int], policy: str, target: int | None) -> list[int]:

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from fillup_data import __version__
 from fillup_data.errors import RecipeError
+from fillup_data.schema.groups import DEFAULT_FEW_BELOW, DEFAULT_MANY_ABOVE
+from fillup_data.schema.sample import SCHEMA_VERSION
 
 
 class _Strict(BaseModel):
@@ -108,8 +110,8 @@ class FillConfig(_Strict):
 class GroupsConfig(_Strict):
     """Many/medium/few thresholds on real training counts (paper 4.2: >100, 20-100, <20)."""
 
-    many_above: int = Field(100, ge=0)
-    few_below: int = Field(20, ge=1)
+    many_above: int = Field(DEFAULT_MANY_ABOVE, ge=0)
+    few_below: int = Field(DEFAULT_FEW_BELOW, ge=1)
 
     @model_validator(mode="after")
     def _order(self) -> "GroupsConfig":
@@ -468,7 +470,8 @@ def model_revision(recipe: Recipe) -> str:
 
 
 def fingerprint(recipe: Recipe, model_revision: str = "") -> str:
-    """sha256 of the resolved recipe + package version + model revision (contract)."""
+    """sha256 of the resolved recipe + package version + model revision (contract), and of the sample
+    metadata's schema version: a new key changes every sample's bytes, so such a build is another build."""
     data = recipe.resolved()
     for path in _NOT_FINGERPRINTED:
         node = data
@@ -476,7 +479,8 @@ def fingerprint(recipe: Recipe, model_revision: str = "") -> str:
             node = node.get(p, {})
         node.pop(path[-1], None)
     blob = json.dumps(
-        {"recipe": data, "package_version": __version__, "model_revision": model_revision},
+        {"recipe": data, "package_version": __version__, "model_revision": model_revision,
+         "sample_schema": SCHEMA_VERSION},
         sort_keys=True,
         separators=(",", ":"),
     )

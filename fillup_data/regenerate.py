@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from fillup_data.errors import FillupError
+from fillup_data.schema.manifest import Manifest
+from fillup_data.schema import sample as sample_schema
 
 
 @dataclass
@@ -39,10 +41,10 @@ class Regenerated:
         return f"NOT pixel-exact ({where}); PSNR against the stored image {self.psnr:.2f} dB"
 
 
-def shard_setup(manifest: dict, shard_path: str | None) -> dict | None:
+def shard_setup(manifest: Manifest, shard_path: str | None) -> dict | None:
     """The pixel setup recorded for ``shard_path``; with no path, the build's one setup (None when the
     build predates the record or its synthetic shards were made on several setups)."""
-    setups = {s["path"]: s.get("pixel_setup") for s in manifest.get("shards", []) if s.get("origin") == "synthetic"}
+    setups = {s.path: s.pixel_setup for s in manifest.shards if s.origin == "synthetic"}
     if shard_path is not None:
         return setups.get(shard_path)
     distinct = {repr(sorted(s.items())) for s in setups.values() if s}
@@ -94,20 +96,20 @@ def _device_for(setup: dict | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _regenerate(build: Path, manifest: dict, metadata: dict, setup: dict | None, pipe):
+def _regenerate(build: Path, manifest: Manifest, metadata: dict, setup: dict | None, pipe):
     from fillup_data.generation import SampleSpec, SyntheticGenerator
     from fillup_data.models import load_pipeline_for
     from fillup_data.recipe import parse_stored_recipe
     from fillup_data.stages.invert import token_path
 
-    recipe = parse_stored_recipe(manifest["recipe"], str(build / "manifest.json"))
+    recipe = parse_stored_recipe(manifest.recipe, str(build / "manifest.json"))
     if not metadata.get("is_synthetic"):
         raise FillupError(f"sample of class {metadata.get('label')} is real: nothing to regenerate")
     gen_cfg = generator_config(recipe, metadata, setup)
     device = str(pipe.unet.device) if pipe is not None else _device_for(setup)
     with _cpu_threads(setup, device):
         pipe = pipe or load_pipeline_for(gen_cfg, device=device)
-        names = [c["name"] for c in manifest["classes"]]
+        names = [c.name for c in sorted(manifest.classes, key=lambda c: c.index)]
         c = int(metadata["label"])
         tokens = {c: token_path(build, c)} if gen_cfg.strategy == "textual_inversion" else None
         generator = SyntheticGenerator(pipe, gen_cfg, names, tokens)
@@ -122,13 +124,12 @@ def _regenerate(build: Path, manifest: dict, metadata: dict, setup: dict | None,
 def regenerate(build: str | Path, metadata: dict, pipe=None, setup: dict | None = None):
     """The synthetic image of ``metadata`` (a sample's ``json``), made again with the build's recorded
     settings; ``setup`` defaults to the build's one recorded pixel setup (see ``regenerate_sample`` to
-    name the sample by key, which finds its shard's setup and compares with the stored image)."""
-    from fillup_data.shards.manifest import read_manifest
-
+    name the sample by key, which finds its shard's setup and compares with the stored image).
+    The metadata of a build made before a key was added (``source_key``) is read as it is."""
     build = Path(build)
-    manifest = read_manifest(build)
+    manifest = Manifest.read(build / "manifest.json")
     setup = setup if setup is not None else shard_setup(manifest, None)
-    return _regenerate(build, manifest, metadata, setup, pipe)[0]
+    return _regenerate(build, manifest, sample_schema.as_current(metadata), setup, pipe)[0]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -143,21 +144,21 @@ def regenerate_sample(build: str | Path, key: str, pipe=None) -> Regenerated:
     """Regenerate the synthetic sample ``key`` with its shard's recorded setup and compare it with the
     stored image: ``exact`` when re-encoding gives the stored bytes, else the PSNR between the stored
     image and the regenerated one passed through the same encoder, with the settings that differ."""
-    import pyarrow.parquet as pq
     from PIL import Image
 
     from fillup_data.fastpath import setup_differences
-    from fillup_data.shards.manifest import read_manifest
-    from fillup_data.shards.writer import METADATA_KEYS, encode_image
+    from fillup_data.shards.index_parquet import read_index
+    from fillup_data.shards.writer import encode_image
 
     build = Path(build)
-    rows = pq.read_table(build / "index.parquet", filters=[("key", "=", key)]).to_pylist()
+    rows = read_index(build / "index.parquet", filters=[("key", "=", key)])
     if not rows:
         raise FillupError(f"{build / 'index.parquet'}: no sample with key {key!r}")
     row = rows[0]
-    manifest = read_manifest(build)
+    manifest = Manifest.read(build / "manifest.json")
     setup = shard_setup(manifest, row["shard"])
-    image, recipe, current = _regenerate(build, manifest, {k: row[k] for k in METADATA_KEYS}, setup, pipe)
+    metadata = {k: row[k] for k in sample_schema.METADATA_KEYS}
+    image, recipe, current = _regenerate(build, manifest, metadata, setup, pipe)
     try:
         with open(build / row["shard"], "rb") as f:
             f.seek(row["image_offset"])

@@ -19,7 +19,8 @@ from pathlib import Path
 from fillup_data import fastpath
 from fillup_data.plan import Plan, ShardPlan
 from fillup_data.recipe import Recipe
-from fillup_data.shards.manifest import index_row
+from fillup_data.schema import sample as sample_schema
+from fillup_data.shards.index_parquet import index_row
 from fillup_data.shards.writer import ShardWriter, encode_image
 from fillup_data.stages.invert import token_path
 
@@ -30,20 +31,11 @@ _QUEUED_CHUNKS = 1
 
 
 def synthetic_metadata(recipe: Recipe, class_index: int, class_name: str, prompt: str, seed: int, token_step: int) -> dict:
+    """A generated sample's metadata (``fillup_data.schema.sample``) with the recipe's generator settings."""
     g = recipe.generator
-    return {
-        "label": class_index,
-        "class_name": class_name,
-        "is_synthetic": True,
-        "strategy": g.strategy,
-        "prompt": prompt,
-        "seed": seed,
-        "token_step": token_step,
-        "guidance_scale": g.guidance_scale,
-        "num_inference_steps": g.num_inference_steps,
-        "model": g.model,
-        "source_path": "",
-    }
+    return sample_schema.synthetic_metadata(
+        class_index, class_name, strategy=g.strategy, prompt=prompt, seed=seed, token_step=token_step,
+        guidance_scale=g.guidance_scale, num_inference_steps=g.num_inference_steps, model=g.model)
 
 
 def make_generator(recipe: Recipe, plan_classes: list, out: Path, pipe):

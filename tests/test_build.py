@@ -45,7 +45,7 @@ def test_demo_build_loads_with_datasets(demo_build):
     assert feats["cls"].names == [c["name"] for c in manifest["classes"]] and feats["cls"].names[0] == "red circle"
     assert isinstance(feats["png"], datasets.Image)
     keys = {"label", "class_name", "is_synthetic", "strategy", "prompt", "seed", "token_step", "guidance_scale",
-            "num_inference_steps", "model", "source_path"}
+            "num_inference_steps", "model", "source_path", "source_key"}
     assert set(feats["json"]) == keys
     rows = ds["train"].select_columns(["cls", "json", "__key__"])
     assert all(v is not None for r in rows for v in r["json"].values())
@@ -367,7 +367,8 @@ def test_workers_forked_by_a_build_do_not_keep_its_lock(tmp_path):
 def test_concurrent_shard_writers_never_share_a_temporary_file(tmp_path):
     import tarfile
 
-    from fillup_data.shards.writer import ShardWriter, real_metadata
+    from fillup_data.schema.sample import real_metadata
+    from fillup_data.shards.writer import ShardWriter
 
     path = tmp_path / "data" / "train-real-00000.tar"
     a, b = ShardWriter(path, "png"), ShardWriter(path, "png")  # two builds writing one shard
@@ -451,8 +452,9 @@ def test_every_record_and_shard_is_fsynced_with_its_folder(tmp_path, monkeypatch
 
 
 def test_file_names_that_are_not_utf8_are_a_clear_error(tmp_path):
-    from fillup_data.shards.manifest import write_index
-    from fillup_data.shards.writer import ShardWriter, real_metadata
+    from fillup_data.shards.index_parquet import write_index
+    from fillup_data.schema.sample import real_metadata
+    from fillup_data.shards.writer import ShardWriter
     from fillup_data.state import write_json_atomic
 
     os.makedirs(os.fsencode(tmp_path / "src"))

@@ -110,6 +110,32 @@ def test_a_build_without_a_recorded_setup_regenerates_as_before(auto_build):
         (auto_build / "manifest.json").write_text(manifest)
 
 
+def test_a_build_made_before_source_key_regenerates(auto_build, tmp_path):
+    """Issue 13: an index.parquet and manifest.json as builds before ``source_key`` wrote them (no such
+    column, no ``sample_keys``) still regenerate, by key and from a sample's json of the first release."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from fillup_data.regenerate import regenerate
+    from fillup_data.schema.sample import index_schema, keys_of_version
+
+    old = tmp_path / "old"
+    shutil.copytree(auto_build, old)
+    table = pq.read_table(old / "index.parquet")
+    pq.write_table(table.select(index_schema(keys_of_version(1)).names), old / "index.parquet", compression="zstd")
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["sample_keys"]
+    (old / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    assert "source_key" not in pq.read_schema(old / "index.parquet").names
+    key = synthetic_keys(old)[0]
+    res = regenerate_sample(old, key)
+    assert res.exact, res.summary()
+    row = pq.read_table(old / "index.parquet", filters=[("key", "=", key)]).to_pylist()[0]
+    image = regenerate(old, {k: row[k] for k in keys_of_version(1)})
+    assert image.size == res.image.size
+
+
 def test_a_pinned_value_is_used_by_every_later_worker(tmp_path):
     """A value pinned by the first worker (e.g. a GPU that sized the batch from its memory) is what a
     later worker or a resume uses, whatever it would resolve itself; the record says so."""

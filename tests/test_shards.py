@@ -6,7 +6,9 @@ import pytest
 from PIL import Image
 
 from fillup_data.recipe import ShardsConfig
-from fillup_data.shards.writer import METADATA_KEYS, ShardWriter, check_metadata, encode_image, real_metadata
+from fillup_data.schema.sample import METADATA_KEYS, real_metadata
+from fillup_data.schema.sample import validate as check_metadata
+from fillup_data.shards.writer import ShardWriter, encode_image
 
 
 def _img(c=(10, 20, 30), size=(20, 12)):

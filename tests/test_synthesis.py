@@ -78,7 +78,8 @@ def test_regenerate_three_samples_from_metadata_alone(ti_build):
     from PIL import Image
 
     from fillup_data.recipe import ShardsConfig
-    from fillup_data.shards.writer import METADATA_KEYS, encode_image
+    from fillup_data.schema.sample import METADATA_KEYS
+    from fillup_data.shards.writer import encode_image
 
     rows = [r for r in pq.read_table(ti_build / "index.parquet").to_pylist() if r["is_synthetic"]]
     picked = [rows[0], rows[len(rows) // 2], rows[-1]]

@@ -28,12 +28,13 @@ The image transforms are training presets and live in :mod:`fillup_data.train.pr
 re-exported here so ``from fillup_data.loader import train_transform`` keeps working.
 """
 
-from fillup_data.loader.build import Build, ShardRef, group_of
+from fillup_data.loader.build import Build, ShardRef
 from fillup_data.loader.dealing import ReadPart
 from fillup_data.loader.samples import IMAGE_EXTENSIONS
 from fillup_data.loader.stream import ShardStream, StreamLoader, make_loader
 from fillup_data.loader.training_data import SPLITS, SUBSETS, TrainingData
 from fillup_data.loader.transport import open_shard
+from fillup_data.schema.groups import group_of
 from fillup_data.train.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 __all__ = [

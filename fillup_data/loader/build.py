@@ -6,14 +6,13 @@ for the pinned revision, and :mod:`fillup_data.loader.transport` streams it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fillup_data.errors import FillupError
+from fillup_data.schema.manifest import Manifest
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^\s@]+))?$")
 
@@ -30,21 +29,12 @@ class ShardRef:
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
 
 
-def group_of(real_count: int, many_above: int, few_below: int) -> str:
-    """Paper 4.2: many > 100, few < 20, medium otherwise (thresholds from the build's manifest)."""
-    if real_count > many_above:
-        return "many"
-    if real_count < few_below:
-        return "few"
-    return "medium"
-
-
 class Build:
     """A build's manifest and the place its files live (a local folder or a Hub dataset repo)."""
 
     def __init__(
         self,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         where: str,
         *,
         base_dir: Path | None = None,
@@ -60,11 +50,9 @@ class Build:
         self.revision = revision
         self.endpoint = endpoint
         self._headers = tuple(sorted((headers or {}).items()))
-        _check_manifest(manifest, where)
-        self.classes = sorted(manifest["classes"], key=lambda c: int(c["index"]))
-        groups = manifest.get("groups") or {}
-        self.many_above = int(groups.get("many_above", 100))
-        self.few_below = int(groups.get("few_below", 20))
+        self.classes = sorted(manifest.classes, key=lambda c: c.index)
+        self.many_above = manifest.many_above
+        self.few_below = manifest.few_below
 
     # ---- opening
     @classmethod
@@ -90,7 +78,7 @@ class Build:
         mpath = folder / "manifest.json"
         if not mpath.is_file():
             raise FillupError(f"{folder}: no manifest.json; is this the OUT folder of `fillup-data build`?")
-        return cls(_read_json(mpath), str(mpath), base_dir=folder)
+        return cls(Manifest.read(mpath), str(mpath), base_dir=folder)
 
     @classmethod
     def open_hub(
@@ -125,18 +113,18 @@ class Build:
             ) from None
         headers = build_hf_headers(token=token)
         return cls(
-            _read_json(Path(mpath)), f"{where}:manifest.json", repo_id=repo_id, revision=revision,
-            endpoint=endpoint, headers=headers,
+            Manifest.read(mpath, f"{where}:manifest.json"), f"{where}:manifest.json", repo_id=repo_id,
+            revision=revision, endpoint=endpoint, headers=headers,
         )
 
     # ---- what the manifest says
     @property
     def name(self) -> str:
-        return str(self.manifest.get("name", ""))
+        return self.manifest.name
 
     @property
     def class_names(self) -> list[str]:
-        return [str(c["name"]) for c in self.classes]
+        return [str(c.name) for c in self.classes]
 
     @property
     def num_classes(self) -> int:
@@ -144,7 +132,7 @@ class Build:
 
     @property
     def real_counts(self) -> list[int]:
-        return [int(c["real"]) for c in self.classes]
+        return [int(c.real) for c in self.classes]
 
     def shard_url(self, path: str) -> str:
         if self.base_dir is not None:
@@ -155,57 +143,13 @@ class Build:
 
     def shards(self, split: str, origin: str | None = None) -> list[ShardRef]:
         out = []
-        for s in self.manifest["shards"]:
-            if s["split"] != split or (origin is not None and s["origin"] != origin):
+        for s in self.manifest.shards:
+            if s.split != split or (origin is not None and s.origin != origin):
                 continue
             out.append(
                 ShardRef(
-                    url=self.shard_url(s["path"]), path=s["path"], split=s["split"], origin=s["origin"],
-                    num_samples=int(s["num_samples"]), headers=self._headers,
+                    url=self.shard_url(s.path), path=s.path, split=s.split, origin=s.origin,
+                    num_samples=s.num_samples, headers=self._headers,
                 )
             )
         return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise FillupError(f"{path}: cannot read the manifest ({err})") from None
-    if not isinstance(data, dict):
-        raise FillupError(f"{path}: the manifest is not a JSON object")
-    return data
-
-
-def _check_manifest(m: dict[str, Any], where: str) -> None:
-    for key in ("classes", "shards"):
-        if not isinstance(m.get(key), list):
-            raise FillupError(f"{where}: missing or malformed '{key}' list; rebuild with `fillup-data build`")
-    for i, c in enumerate(m["classes"]):
-        for key in ("index", "name", "real"):
-            if key not in c:
-                raise FillupError(f"{where}: classes[{i}] has no '{key}'")
-    idx = sorted(int(c["index"]) for c in m["classes"])
-    if idx != list(range(len(idx))):
-        raise FillupError(f"{where}: class indices are not 0..{len(idx) - 1}")
-    for i, s in enumerate(m["shards"]):
-        for key in ("path", "split", "origin", "num_samples"):
-            if key not in s:
-                raise FillupError(f"{where}: shards[{i}] has no '{key}'")
-        if not _is_build_data_path(s["path"]):
-            raise FillupError(
-                f"{where}: shards[{i}].path {s['path']!r} is not a file under data/ of the build (no '..', "
-                "absolute paths or URLs); the manifest is damaged or was not written by `fillup-data build`"
-            )
-        n = s["num_samples"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise FillupError(f"{where}: shards[{i}].num_samples {n!r} is not a count (an integer >= 0)")
-
-
-def _is_build_data_path(path: Any) -> bool:
-    """A manifest may come from the Hub: its shard paths must stay inside the build's data/ folder,
-    whether joined to a local folder or to a Hub revision's URL."""
-    if not isinstance(path, str) or "\\" in path or ":" in path or any(ord(ch) < 32 for ch in path):
-        return False
-    parts = path.split("/")
-    return len(parts) >= 2 and parts[0] == "data" and all(part not in ("", ".", "..") for part in parts)

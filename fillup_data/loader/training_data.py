@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from fillup_data.errors import FillupError
-from fillup_data.loader.build import Build, ShardRef, group_of
+from fillup_data.loader.build import Build, ShardRef
+from fillup_data.schema.groups import group_of
 
 SUBSETS = ("filled", "real", "synthetic")
 SPLITS = ("train", "test")

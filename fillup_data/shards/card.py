@@ -11,7 +11,9 @@ from __future__ import annotations
 import yaml
 
 from fillup_data.shards.figures import DISTRIBUTION_PNG, SAMPLES_PNG, SYNTHETIC_SAMPLES_PNG
-from fillup_data.shards.writer import METADATA_KEYS
+from fillup_data.schema.groups import GROUPS
+from fillup_data.schema.manifest import sample_keys_in
+from fillup_data.schema.sample import json_features
 
 
 class _NoAliasDumper(yaml.SafeDumper):
@@ -20,20 +22,6 @@ class _NoAliasDumper(yaml.SafeDumper):
     def ignore_aliases(self, data):
         return True
 
-
-_JSON_DTYPES = {
-    "label": "int64",
-    "class_name": "string",
-    "is_synthetic": "bool",
-    "strategy": "string",
-    "prompt": "string",
-    "seed": "int64",
-    "token_step": "int64",
-    "guidance_scale": "float64",
-    "num_inference_steps": "int64",
-    "model": "string",
-    "source_path": "string",
-}
 
 PAPER_CITATION = """@article{shin2023fillup,
   title   = {Fill-Up: Balancing Long-Tailed Data with Generative Models},
@@ -49,7 +37,7 @@ def features(manifest: dict) -> list[dict]:
     return [
         {"name": "cls", "dtype": {"class_label": {"names": names}}},
         {"name": ext, "dtype": "image"},
-        {"name": "json", "struct": [{"name": k, "dtype": _JSON_DTYPES[k]} for k in METADATA_KEYS]},
+        {"name": "json", "struct": json_features(sample_keys_in(manifest))},
         {"name": "__key__", "dtype": "string"},
         {"name": "__url__", "dtype": "string"},
     ]
@@ -130,7 +118,7 @@ def card_metadata(manifest: dict, include_real: bool = True) -> dict:
 
 def _group_table(manifest: dict) -> str:
     rows = ["| group | classes | real | synthetic | total | test |", "|---|---:|---:|---:|---:|---:|"]
-    for g in ("many", "medium", "few", "all"):
+    for g in (*GROUPS, "all"):
         cs = [c for c in manifest["classes"] if g == "all" or c["group"] == g]
         real, syn, test = (sum(c[k] for c in cs) for k in ("real", "synthetic", "test"))
         rows.append(f"| {g} | {len(cs)} | {real:,} | {syn:,} | {real + syn:,} | {test:,} |")
@@ -236,8 +224,9 @@ fillup-data version {manifest.get('package_version', '')}.
 - `synthetic`: synthetic images only{"" if has_syn else " (none in this build)"}
 
 Every sample has `{ext}` (the image), `cls` (class index, a `ClassLabel`) and `json` with the same keys in every
-sample: `{'`, `'.join(METADATA_KEYS)}`. `is_synthetic` flags real vs synthetic; `seed`, `token_step`, `prompt`,
-`guidance_scale` and `num_inference_steps` regenerate any synthetic image; `source_path` names a real image's file.
+sample: `{'`, `'.join(sample_keys_in(manifest))}`. `is_synthetic` flags real vs synthetic; `seed`, `token_step`,
+`prompt`, `guidance_scale` and `num_inference_steps` regenerate any synthetic image; `source_path` names a real image's
+file.
 
 ## How to load
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from fillup_data.schema.groups import DEFAULT_FEW_BELOW, DEFAULT_MANY_ABOVE, GROUPS
+
 DISTRIBUTION_PNG = "assets/class_distribution.png"
 SAMPLES_PNG = "assets/samples.png"
 # Linked instead of SAMPLES_PNG by a card published without real images: real images may not be redistributed.
@@ -31,7 +33,7 @@ def plot_distribution(manifest: dict, path: Path) -> Path:
     ax.fill_between(x, real, step="mid", color="#3b6fb6", alpha=0.95, label="real (long-tailed)")
     ax.set_yscale("log")
     ax.set_ylim(bottom=max(0.8, min([r for r in real if r > 0] or [1]) * 0.5))
-    groups = manifest.get("groups", {"many_above": 100, "few_below": 20})
+    groups = manifest.get("groups") or {"many_above": DEFAULT_MANY_ABOVE, "few_below": DEFAULT_FEW_BELOW}
     for y, name in ((groups["many_above"], "many"), (groups["few_below"], "few")):
         ax.axhline(y, color="gray", lw=0.6, ls="--")
         ax.text(len(classes) - 0.5, y, f" {name}", va="bottom", ha="right", fontsize=7, color="gray")
@@ -56,7 +58,7 @@ def _read_image(out: Path, row: dict) -> Image.Image:
 def pick_classes(manifest: dict, per_group: int = 2) -> list[int]:
     """A few head, medium and tail classes (largest first within each group)."""
     picked = []
-    for g in ("many", "medium", "few"):
+    for g in GROUPS:
         cs = sorted((c for c in manifest["classes"] if c["group"] == g), key=lambda c: (-c["real"], c["index"]))
         if g == "few":
             cs = cs[::-1]  # the tail's tail is the interesting part
@@ -67,12 +69,11 @@ def pick_classes(manifest: dict, per_group: int = 2) -> list[int]:
 def sample_grid(out: Path, manifest: dict, path: Path, per_side: int = 4, cell: int = 96,
                 include_real: bool = True) -> Path:
     """Rows of head, medium and tail classes: real training images beside synthetic ones (or synthetic only)."""
-    import pyarrow.parquet as pq
-
     from fillup_data.generation.preview import preview_grid
+    from fillup_data.shards.index_parquet import read_index
 
-    rows = pq.read_table(out / "index.parquet", columns=["key", "shard", "split", "image_offset", "image_size",
-                                                        "label", "is_synthetic"]).to_pylist()
+    rows = read_index(out / "index.parquet", columns=["key", "shard", "split", "image_offset", "image_size",
+                                                      "label", "is_synthetic"])
     by = {}
     for r in sorted(rows, key=lambda r: r["key"]):
         if r["split"] == "train":

@@ -22,76 +22,11 @@ from PIL import Image
 
 from fillup_data.errors import FillupError
 from fillup_data.recipe import ShardsConfig
+from fillup_data.schema.sample import validate
 from fillup_data.state import fsync_dir, process_gone_on_this_host, temp_writer, unique_temp_path
 
 # 2020-01-01T00:00:00Z: a fixed, plausible timestamp (webdataset's TarWriter would stamp "now").
 FIXED_MTIME = 1577836800
-
-# The contract's per-sample metadata keys, in a fixed order; every sample has all of them, never null.
-METADATA_KEYS = (
-    "label",
-    "class_name",
-    "is_synthetic",
-    "strategy",
-    "prompt",
-    "seed",
-    "token_step",
-    "guidance_scale",
-    "num_inference_steps",
-    "model",
-    "source_path",
-)
-METADATA_TYPES = {
-    "label": int,
-    "class_name": str,
-    "is_synthetic": bool,
-    "strategy": str,
-    "prompt": str,
-    "seed": int,
-    "token_step": int,
-    "guidance_scale": float,
-    "num_inference_steps": int,
-    "model": str,
-    "source_path": str,
-}
-
-
-def real_metadata(label: int, class_name: str, source_path: str) -> dict:
-    return {
-        "label": label,
-        "class_name": class_name,
-        "is_synthetic": False,
-        "strategy": "real",
-        "prompt": "",
-        "seed": -1,
-        "token_step": -1,
-        "guidance_scale": -1.0,
-        "num_inference_steps": -1,
-        "model": "",
-        "source_path": source_path,
-    }
-
-
-def check_metadata(meta: dict) -> dict:
-    """Exactly the contract keys with the contract types (datasets infers a struct from them)."""
-    if set(meta) != set(METADATA_KEYS):
-        missing, extra = set(METADATA_KEYS) - set(meta), set(meta) - set(METADATA_KEYS)
-        raise ValueError(f"sample metadata keys differ from the contract: missing {missing}, extra {extra}")
-    out = {}
-    for k in METADATA_KEYS:
-        v = meta[k]
-        if v is None:
-            raise ValueError(f"sample metadata {k!r} is null")
-        t = METADATA_TYPES[k]
-        if t is float:
-            v = float(v)
-        elif t is int and (isinstance(v, bool) or not isinstance(v, int)):
-            raise ValueError(f"sample metadata {k!r} must be int, got {v!r}")
-        elif not isinstance(v, t):
-            raise ValueError(f"sample metadata {k!r} must be {t.__name__}, got {v!r}")
-        out[k] = v
-    return out
-
 
 def prepare_image(img: Image.Image, cfg: ShardsConfig) -> Image.Image:
     if img.mode != "RGB":
@@ -155,7 +90,7 @@ class ShardWriter:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/' (webdataset splits keys at the first dot)")
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r} in {self.path.name}")
-        meta = _metadata_bytes(key, check_metadata(metadata))
+        meta = _metadata_bytes(key, validate(metadata, f"sample {key} ({self.path.name})"))
         self._keys.add(key)
         # members sorted by name: KEY.cls < KEY.jpg < KEY.json (png/webp also sort before json)
         members = sorted([(f"{key}.cls", str(int(label)).encode()), (f"{key}.{self.image_ext}", image),

@@ -11,8 +11,10 @@ from fillup_data.errors import FillupError
 from fillup_data.index import SourceIndex
 from fillup_data.plan import Plan
 from fillup_data.recipe import Recipe
+from fillup_data.schema import sample as sample_schema
+from fillup_data.schema.manifest import ClassEntry, Manifest, ShardEntry, TokenEntry
 from fillup_data.shards.card import render_card
-from fillup_data.shards.manifest import write_index
+from fillup_data.shards.index_parquet import write_index
 from fillup_data.shards.writer import sha256_file
 from fillup_data.state import completed_shard, forget_shard, verify_shard, write_json_atomic
 
@@ -46,44 +48,44 @@ def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str,
     zero = [0] * len(plan.classes)
     real, syn, test = counts.get(("train", False), zero), counts.get(("train", True), zero), counts.get(("test", False), zero)
     classes = [
-        {"index": c.index, "name": c.name, "real": real[c.index], "synthetic": syn[c.index], "test": test[c.index],
-         "group": c.group, "token_steps": list(c.token_steps)}
+        ClassEntry(c.index, c.name, real[c.index], syn[c.index], test[c.index], c.group, list(c.token_steps))
         for c in plan.classes
     ]
     tokens = []
     for c in plan.classes:
         tp = out / "tokens" / f"{c.index:05d}.safetensors"
         if tp.is_file():
-            tokens.append({"path": f"tokens/{c.index:05d}.safetensors", "class_index": c.index,
-                           "num_bytes": tp.stat().st_size, "sha256": sha256_file(tp)})
+            tokens.append(TokenEntry(f"tokens/{c.index:05d}.safetensors", c.index, tp.stat().st_size, sha256_file(tp)))
             dp = out / "tokens" / "diffusers" / f"{c.index:05d}.safetensors"
             if dp.is_file():
-                tokens.append({"path": f"tokens/diffusers/{c.index:05d}.safetensors", "class_index": c.index,
-                               "num_bytes": dp.stat().st_size, "sha256": sha256_file(dp), "format": "diffusers"})
+                tokens.append(TokenEntry(f"tokens/diffusers/{c.index:05d}.safetensors", c.index, dp.stat().st_size,
+                                         sha256_file(dp), format="diffusers"))
     skipped = index.skipped + [x for rec in records for x in rec["skipped"]]
     retries = sum(rec.get("retries", 0) for rec in records)
-    manifest = {
-        "name": recipe.name,
-        "version": recipe.version,
-        "parent_version": recipe.parent_version,
-        "fingerprint": fp,
-        "package_version": __version__,
-        "model": {"id": recipe.generator.model, "revision": recipe.generator.revision or "main"}
+    record = Manifest(
+        name=recipe.name,
+        version=recipe.version,
+        parent_version=recipe.parent_version,
+        fingerprint=fp,
+        package_version=__version__,
+        model={"id": recipe.generator.model, "revision": recipe.generator.revision or "main"}
         if plan.strategy != "none" else None,
-        "recipe": recipe.resolved(),
-        "imbalance_factor": round(plan.imbalance_factor, 3),
-        "groups": recipe.groups.model_dump(),
-        "classes": classes,
-        "splits": {
+        recipe=recipe.resolved(),
+        imbalance_factor=round(plan.imbalance_factor, 3),
+        groups=recipe.groups.model_dump(),
+        classes=classes,
+        splits={
             "train": {"real": sum(real), "synthetic": sum(syn)},
             **({"test": {"real": sum(test)}} if "test" in index.items else {}),
         },
-        "shards": [{k: rec[k] for k in ("path", "split", "origin", "num_samples", "num_bytes", "sha256", "pixel_setup")
-                    if k in rec} for rec in records],
-        "tokens": tokens,
-        "skipped": len(skipped),
-    }
-    write_json_atomic(out / "manifest.json", manifest)
+        shards=[ShardEntry(rec["path"], rec["split"], rec["origin"], rec["num_samples"], rec.get("num_bytes"),
+                           rec.get("sha256"), rec.get("pixel_setup")) for rec in records],
+        tokens=tokens,
+        skipped=len(skipped),
+        sample_keys=list(sample_schema.METADATA_KEYS),
+    )
+    record.write(out / "manifest.json")
+    manifest = record.to_dict()  # the card and figures read the manifest as published
     report = {
         "skipped": skipped,
         "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from fillup_data.plan import RealSample, ShardPlan
 from fillup_data.recipe import Recipe
-from fillup_data.shards.manifest import index_row
-from fillup_data.shards.writer import ShardWriter, encode_image, real_metadata
+from fillup_data.schema.sample import real_metadata
+from fillup_data.shards.index_parquet import index_row
+from fillup_data.shards.writer import ShardWriter, encode_image
 from fillup_data.sources import ImageLoadError, open_source
 from fillup_data.state import completed_shard, save_shard_record, shard_record
 

@@ -82,7 +82,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from fillup_data.train.distributed import init_distributed, shutdown
-    from fillup_data.train.evaluate import GROUPS, evaluate_run
+    from fillup_data.schema.groups import GROUPS
+    from fillup_data.train.evaluate import evaluate_run
 
     env = init_distributed(args.device)
     ok = False

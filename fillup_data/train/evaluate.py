@@ -21,14 +21,13 @@ from tqdm import tqdm
 
 from fillup_data.errors import FillupError
 from fillup_data.loader import TrainingData, make_loader
+from fillup_data.schema.groups import GROUPS
 from fillup_data.train.checkpoint import read_json, write_json
 from fillup_data.train.config import parse_train_config
 from fillup_data.train.distributed import DistEnv, all_reduce_sum
 from fillup_data.train.models import load_weights
 from fillup_data.train.presets import eval_transform
 from fillup_data.train.trainer import model_for
-
-GROUPS = ("many", "medium", "few")
 
 
 @dataclass

@@ -61,8 +61,8 @@ def _record(req: TrainRequest, data: TrainingData, env: DistEnv) -> dict[str, An
         "data": str(req.data),
         "real_data": str(req.real_data) if req.real_data else None,
         "builds": {
-            role: {"where": b.where, "name": b.name, "version": b.manifest.get("version"),
-                   "fingerprint": b.manifest.get("fingerprint")}
+            role: {"where": b.where, "name": b.name, "version": b.manifest.version,
+                   "fingerprint": b.manifest.fingerprint}
             for role, b in (("real", data.real), ("synthetic", data.synthetic))
         },
         "class_names": data.class_names,

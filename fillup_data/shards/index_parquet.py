@@ -1,0 +1,65 @@
+"""The per-sample ``index.parquet`` (contract): written by the assemble stage, read by regenerate,
+the figures and the experiment.  Its columns derive from ``fillup_data.schema.sample``; the build's
+record, ``manifest.json``, is ``fillup_data.schema.manifest.Manifest``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fillup_data.errors import FillupError
+from fillup_data.schema import sample as sample_schema
+from fillup_data.shards.writer import encodes_as_utf8, show_undecodable
+from fillup_data.state import replace_durably, unique_temp_path
+
+def write_index(path: Path, rows: list[dict]) -> None:
+    schema = sample_schema.index_schema()
+    cols = {f.name: [r.get(f.name, 0 if f.name == "retries" else None) for r in rows] for f in schema}
+    try:
+        table = pa.table(cols, schema=schema)
+    except UnicodeEncodeError:
+        key, name, value = next((r["key"], k, v) for r in rows for k, v in r.items()
+                                if isinstance(v, str) and not encodes_as_utf8(v))
+        shown = show_undecodable(value)
+        raise FillupError(
+            f"{path}: sample {key}: {name} '{shown}' is not valid UTF-8 (a file name in another encoding?): "
+            "rename the file to UTF-8 (e.g. with convmv) and rerun"
+        ) from None
+    tmp = unique_temp_path(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_index(path: Path, columns: list[str] | None = None, filters=None) -> list[dict]:
+    """Rows of ``index.parquet`` (all columns, or ``columns``), each with every current metadata key: a
+    build made before a key was added gets it at its not-applicable value (``source_key`` = "")."""
+    present = set(pq.read_schema(path).names)
+    wanted = None if columns is None else [c for c in columns if c in present]
+    rows = pq.read_table(path, columns=wanted, filters=filters).to_pylist()
+    rows = [sample_schema.as_current(r) for r in rows]
+    if columns is not None:
+        missing = [c for c in columns if c not in present and c not in sample_schema.METADATA_KEYS]
+        if missing:
+            raise FillupError(f"{path}: no column {missing[0]!r}; rebuild with `fillup-data build`")
+        rows = [{c: r[c] for c in columns} for r in rows]
+    return rows
+
+
+def index_row(record, shard_path: str, split: str, metadata: dict, retries: int = 0) -> dict:
+    row = {
+        "key": record.key,
+        "shard": shard_path,
+        "split": split,
+        "offset": record.offset,
+        "size": record.size,
+        "image_offset": record.image_offset,
+        "image_size": record.image_size,
+        "retries": retries,
+    }
+    row.update({k: metadata[k] for k in sample_schema.METADATA_KEYS})
+    return row
