@@ -25,12 +25,13 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from provenance import git_commit  # benchmarks/ is on sys.path when a script here runs
 
 import numpy as np
 
@@ -241,15 +242,7 @@ def row_build(s: Setting) -> Row:
 def provenance(s: Setting) -> list[str]:
     import diffusers
 
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        commit += " (uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit()
     device = torch.cuda.get_device_name() if s.device.startswith("cuda") else f"CPU {platform.machine()}, {os.cpu_count()} cores"
     return [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
             f"- device: {device}",

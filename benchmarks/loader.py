@@ -21,11 +21,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from provenance import git_commit  # benchmarks/ is on sys.path when a script here runs
 
 import numpy as np
 import torch
@@ -96,15 +97,7 @@ def provenance() -> str:
     import torchvision
     import webdataset
 
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        commit += " (uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit()
     return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
             f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
             f"webdataset {webdataset.__version__}, {os.cpu_count()} CPUs, load average {load_average()}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fillup_data import __version__
 from fillup_data.errors import RecipeError
@@ -125,6 +125,16 @@ class GroupsConfig(_Strict):
 PROMPT_NEEDS = {"textual_inversion": ("{token}",), "single_template": ("{token}", "{class_name}")}
 
 
+def _auto_or_positive(v):
+    if v != "auto" and v < 1:
+        raise ValueError("must be auto or a positive integer")
+    return v
+
+
+# a size resolved on the worker (``auto``) or given as a positive integer
+AutoOrPositive = Annotated[Union[int, Literal["auto"]], AfterValidator(_auto_or_positive)]
+
+
 class GeneratorConfig(_Strict):
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: str | None = None
@@ -138,18 +148,12 @@ class GeneratorConfig(_Strict):
     resolution: int = Field(512, ge=8)
     # micro-batch rows per pipeline pass; it decides pixels (kernels differ by shape), so it is
     # recorded. auto: from free GPU memory on CUDA (pinned once per build), 8 on CPU
-    batch_size: Union[int, Literal["auto"]] = "auto"
+    batch_size: AutoOrPositive = "auto"
     # torch.compile of the UNet and the VAE decode; auto = on for CUDA, off on CPU
     compile: Union[bool, Literal["auto"]] = "auto"
     safety_checker: bool = False
     max_retries: int = Field(5, ge=0)
 
-    @field_validator("batch_size")
-    @classmethod
-    def _positive_batch(cls, v):
-        if v != "auto" and int(v) < 1:
-            raise ValueError(f"must be auto or a positive integer, got {v!r}")
-        return v
 
     @model_validator(mode="after")
     def _checks(self) -> "GeneratorConfig":
@@ -184,7 +188,7 @@ class InversionConfig(_Strict):
     flip: bool = True
     resolution: int | None = Field(None, ge=8)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    classes_per_pass: Union[int, Literal["auto"]] = Field(
+    classes_per_pass: AutoOrPositive = Field(
         "auto", description="slots of the joint UNet pass (each class keeps its own batch and optimizer); a class "
         "that finishes leaves its slot to the next. auto: from free GPU memory on CUDA (pinned once per build), "
         "1 on CPU"
@@ -198,12 +202,6 @@ class InversionConfig(_Strict):
     # (eager passes shrink as classes finish: no compute spent on padding, exact only to float rounding)
     pad_passes: Union[bool, Literal["auto"]] = "auto"
 
-    @field_validator("classes_per_pass")
-    @classmethod
-    def _positive_pass(cls, v):
-        if v != "auto" and int(v) < 1:
-            raise ValueError(f"must be auto or a positive integer, got {v!r}")
-        return v
 
     @model_validator(mode="after")
     def _checks(self) -> "InversionConfig":

@@ -16,6 +16,7 @@ from fillup_data.generation import SampleSpec, SyntheticGenerator, is_bad_image
 from fillup_data.generation.generator import to_uint8
 from fillup_data.generation.sampler import DenoisingSampler, auto_batch_size, finish_images
 from fillup_data.recipe import GeneratorConfig
+from tests.test_generation import _count_unet_calls  # UNet rows per call
 
 CLASSES = ["red disc", "blue square", "green star"]
 
@@ -157,7 +158,7 @@ def test_auto_batch_size_on_cuda_fits_the_measured_peak_in_free_memory(tiny_pipe
     """The CUDA branch with the memory functions faked: the probe runs the real step + decode."""
     gib = 1 << 30
     probed = []
-    calls = _count_unet_rows(tiny_pipe, monkeypatch)
+    calls = _count_unet_calls(tiny_pipe, monkeypatch)
 
     def fake_peak_of(device, run):
         assert str(device) == "cuda:0"
@@ -182,18 +183,6 @@ def test_auto_batch_size_on_cuda_fits_the_measured_peak_in_free_memory(tiny_pipe
     monkeypatch.setattr(fastpath, "cuda_free_bytes", lambda device: 2 * gib)
     assert auto_batch_size("cuda:0", run_rows) == 1  # not even one row fits the budget: 1, it may still run
     assert auto_batch_size("cpu", run_rows) == fastpath.CPU_GENERATION_BATCH
-
-
-def _count_unet_rows(pipe, monkeypatch) -> list[int]:
-    calls: list[int] = []
-    original = pipe.unet.forward
-
-    def counting(sample, *args, **kwargs):
-        calls.append(sample.shape[0])
-        return original(sample, *args, **kwargs)
-
-    monkeypatch.setattr(pipe.unet, "forward", counting)
-    return calls
 
 
 def _recipe(*overrides):

@@ -225,3 +225,14 @@ def test_a_few_aliases_are_still_yaml(tmp_path):
                  "fill: {policy: addon, target: &n 40}\ngroups: {many_above: *n}\n")
     r = load_recipe(p)
     assert r.parent_version == r.version == "1.2.0" and r.fill.target == r.groups.many_above == 40
+
+
+@pytest.mark.parametrize("field", ["generator.batch_size", "inversion.classes_per_pass"])
+def test_auto_sizes_accept_auto_or_a_positive_integer(field):
+    demo = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
+    section, key = field.split(".")
+    assert getattr(getattr(load_recipe(demo, [f"{field}=auto"]), section), key) == "auto"
+    assert getattr(getattr(load_recipe(demo, [f"{field}=3"]), section), key) == 3
+    for bad in ("0", "-2"):
+        with pytest.raises(RecipeError, match=rf"{field}: must be auto or a positive integer \(got -?\d\)"):
+            load_recipe(demo, [f"{field}={bad}"])
