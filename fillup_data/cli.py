@@ -173,7 +173,7 @@ def cmd_preview(args) -> int:
     """Invert a few classes with the recipe's settings and draw real vs synthetic, before a full build."""
     from fillup_data.generation import SampleSpec, preview_grid
     from fillup_data.index import build_index
-    from fillup_data.models import load_pipeline_for
+    from fillup_data.generation.strategies import strategy_class
     from fillup_data.plan import make_plan, sample_seed
     from fillup_data import synthesis
 
@@ -185,17 +185,18 @@ def cmd_preview(args) -> int:
     plan = make_plan(recipe, index)
     classes = _pick_classes(args.classes, index.class_names)
     work = Path(args.tokens) if args.tokens else Path(args.out).with_suffix("").with_name(Path(args.out).stem + "-tokens")
-    pipe = load_pipeline_for(recipe.generator)
-    if recipe.generator.strategy == "textual_inversion":
+    strategy = strategy_class(recipe.generator.strategy)
+    pipe = strategy.load_pipeline(recipe.generator, device=None)
+    if strategy.inverts:
         synthesis.invert_all(recipe, plan, index, work, pipe, progress=True, classes=classes)
-    generator = synthesis.make_generator(recipe, plan.classes, work, pipe)
+    generator = synthesis.make_generator(recipe, plan.classes, work, pipe, plan=plan)
     real, synthetic = {}, {}
     for c in classes:
         items = [it for it in index.items["train"] if it.label == c][: args.n]
         real[c] = synthesis.load_class_images(recipe, items)
         steps = plan.classes[c].token_steps or (-1,)
         # the same seeds and round-robin checkpoints a build gives the class's first n samples
-        specs = [SampleSpec(c, sample_seed(recipe.seed, c, k), steps[k % len(steps)]) for k in range(args.n)]
+        specs = [SampleSpec(c, sample_seed(recipe.seed, c, k), steps[k % len(steps)], k) for k in range(args.n)]
         synthetic[c] = [g.image for g in generator.generate(specs, progress=True)]
     preview_grid(real, synthetic, index.class_names, args.out)
     print(f"preview of {len(classes)} class(es), {args.n} real and {args.n} synthetic each: {args.out} "

@@ -122,7 +122,11 @@ class GroupsConfig(_Strict):
 
 # textual_inversion puts the class's learned token at {token} ({class_name} may add the name);
 # single_template puts the class name at either (paper baseline "a photo of a {CLS}"); none draws nothing.
+# The other strategies take their prompts elsewhere (templates, a language model, captions, real images).
 PROMPT_NEEDS = {"textual_inversion": ("{token}",), "single_template": ("{token}", "{class_name}")}
+
+# generator.strategy values (fillup_data.generation.strategies.REGISTRY holds their classes)
+StrategyName = Literal["none", "single_template", "clip_templates", "textual_inversion"]
 
 
 def _auto_or_positive(v):
@@ -139,8 +143,11 @@ class GeneratorConfig(_Strict):
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    strategy: Literal["none", "textual_inversion", "single_template"] = "textual_inversion"
+    strategy: StrategyName = "textual_inversion"
     prompt: str = "a photo of a {token}"
+    # clip_templates: the prompt templates, each with {class_name}; default (null): the 80 of the paper's
+    # figure A9, used evenly per class
+    templates: list[str] | None = None
     guidance_scale: float = Field(1.0, ge=0.0)
     num_inference_steps: int = Field(50, ge=1, le=1000)
     scheduler: Literal["ddim", "dpmpp_2m", "euler"] = "ddim"
@@ -159,6 +166,14 @@ class GeneratorConfig(_Strict):
     def _checks(self) -> "GeneratorConfig":
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.templates is not None:
+            if self.strategy != "clip_templates":
+                raise ValueError(f"templates: only used by strategy clip_templates, not {self.strategy!r}")
+            if not self.templates:
+                raise ValueError("templates: an empty list (leave it out for the paper's 80 templates)")
+            for i, t in enumerate(self.templates):
+                if "{class_name}" not in t:
+                    raise ValueError(f"templates[{i}]: {t!r} must contain {{class_name}} (where the class name goes)")
         return self
 
     @field_validator("prompt")

@@ -97,8 +97,8 @@ def _device_for(setup: dict | None) -> str:
 
 
 def _regenerate(build: Path, manifest: Manifest, metadata: dict, setup: dict | None, pipe):
-    from fillup_data.generation import SampleSpec, SyntheticGenerator
-    from fillup_data.models import load_pipeline_for
+    from fillup_data.generation import SampleSpec, SyntheticGenerator, real_images
+    from fillup_data.generation.strategies import Condition, StrategyContext, strategy_class
     from fillup_data.recipe import parse_stored_recipe
     from fillup_data.stages.invert import token_path
 
@@ -106,15 +106,24 @@ def _regenerate(build: Path, manifest: Manifest, metadata: dict, setup: dict | N
     if not metadata.get("is_synthetic"):
         raise FillupError(f"sample of class {metadata.get('label')} is real: nothing to regenerate")
     gen_cfg = generator_config(recipe, metadata, setup)
+    strategy = strategy_class(gen_cfg.strategy)
     device = str(pipe.unet.device) if pipe is not None else _device_for(setup)
     with _cpu_threads(setup, device):
-        pipe = pipe or load_pipeline_for(gen_cfg, device=device)
+        pipe = pipe or strategy.load_pipeline(gen_cfg, device=device)
         names = [c.name for c in sorted(manifest.classes, key=lambda c: c.index)]
         c = int(metadata["label"])
-        tokens = {c: token_path(build, c)} if gen_cfg.strategy == "textual_inversion" else None
-        generator = SyntheticGenerator(pipe, gen_cfg, names, tokens)
-        # the recorded seed is the one that gave a good image: no retry needed
-        sample = generator.regenerate(SampleSpec(c, int(metadata["seed"]), int(metadata["token_step"])))
+        tokens = {c: token_path(build, c)} if strategy.inverts else {}
+        if strategy.uses_real_images:
+            context = real_images.from_build(build, len(names), tokens)
+        else:
+            context = StrategyContext(out=build, token_files=tokens)
+        generator = SyntheticGenerator(pipe, gen_cfg, names, context=context)
+        # what the sample was conditioned on, as recorded (its prompt and source); the recorded seed
+        # is the one that gave a good image: no retry needed
+        recorded = Condition(metadata["prompt"], metadata["source_key"])
+        spec = SampleSpec(c, int(metadata["seed"]), int(metadata["token_step"]))
+        condition = generator.condition(spec) if strategy.inverts else recorded
+        sample = generator.regenerate(spec, condition)
         current = generator.pixel_setup()
     if sample.prompt != metadata["prompt"]:
         raise FillupError(f"prompt {sample.prompt!r} differs from the recorded {metadata['prompt']!r}")

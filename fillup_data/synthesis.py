@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from fillup_data import fastpath
+from fillup_data.errors import FillupError
 from fillup_data.plan import Plan, ShardPlan
 from fillup_data.recipe import Recipe
 from fillup_data.schema import sample as sample_schema
@@ -30,15 +31,34 @@ _CHUNK_BATCHES = 8
 _QUEUED_CHUNKS = 1
 
 
-def synthetic_metadata(recipe: Recipe, class_index: int, class_name: str, prompt: str, seed: int, token_step: int) -> dict:
+def synthetic_metadata(recipe: Recipe, class_index: int, class_name: str, prompt: str, seed: int, token_step: int,
+                       source_key: str = "") -> dict:
     """A generated sample's metadata (``fillup_data.schema.sample``) with the recipe's generator settings."""
     g = recipe.generator
     return sample_schema.synthetic_metadata(
         class_index, class_name, strategy=g.strategy, prompt=prompt, seed=seed, token_step=token_step,
-        guidance_scale=g.guidance_scale, num_inference_steps=g.num_inference_steps, model=g.model)
+        guidance_scale=g.guidance_scale, num_inference_steps=g.num_inference_steps, model=g.model,
+        source_key=source_key)
 
 
-def make_generator(recipe: Recipe, plan_classes: list, out: Path, pipe):
+def strategy_context(recipe: Recipe, plan: Plan | None, plan_classes: list, out: Path):
+    """What the build's strategy reads: token files (textual_inversion), the real images of each class in
+    plan order (strategies that start from real images), the build folder (stored prompts)."""
+    from fillup_data.generation import real_images
+    from fillup_data.generation.strategies import StrategyContext, strategy_class
+
+    cls = strategy_class(recipe.generator.strategy)
+    tokens = {}
+    if cls.inverts:
+        tokens = {c.index: token_path(out, c.index) for c in plan_classes if token_path(out, c.index).is_file()}
+    if cls.uses_real_images:
+        if plan is None:
+            raise FillupError(f"generator.strategy {cls.name}: the plan's real samples are needed")
+        return real_images.from_source(recipe, plan, out, tokens)
+    return StrategyContext(out=out, token_files=tokens)
+
+
+def make_generator(recipe: Recipe, plan_classes: list, out: Path, pipe, plan: Plan | None = None):
     """The build's SyntheticGenerator. ``generator.batch_size: auto`` is resolved once per build and
     pinned in ``out`` (every worker, rank and resume then uses the same micro-batch, which decides
     the pixels); an explicit size is used as given."""
@@ -46,14 +66,12 @@ def make_generator(recipe: Recipe, plan_classes: list, out: Path, pipe):
     from fillup_data.generation.sampler import DenoisingSampler, resolve_batch_size
 
     names = [c.name for c in plan_classes]
-    tokens = None
-    if recipe.generator.strategy == "textual_inversion":
-        tokens = {c.index: token_path(out, c.index) for c in plan_classes if token_path(out, c.index).is_file()}
+    context = strategy_context(recipe, plan, plan_classes, out)
     cfg = recipe.generator
     if cfg.batch_size == "auto":
         size = fastpath.pin_setting(out, "generator.batch_size", lambda: resolve_batch_size(DenoisingSampler(pipe), cfg))
         cfg = cfg.model_copy(update={"batch_size": size})
-    return SyntheticGenerator(pipe, cfg, names, tokens)
+    return SyntheticGenerator(pipe, cfg, names, context=context)
 
 
 class _ShardWriterThread:
@@ -130,7 +148,7 @@ def write_synthetic_shard(recipe: Recipe, plan: Plan, shard: ShardPlan, out: Pat
             if stop.is_set():
                 return
             name = plan.classes[s.class_index].name
-            meta = synthetic_metadata(recipe, s.class_index, name, g.prompt, g.seed, s.token_step)
+            meta = synthetic_metadata(recipe, s.class_index, name, g.prompt, g.seed, s.token_step, g.source_key)
             writer.write(s.key, s.class_index, encode_image(g.image, recipe.shards), meta)
             metas.append(meta)
             retries.append(g.retries)
@@ -141,7 +159,7 @@ def write_synthetic_shard(recipe: Recipe, plan: Plan, shard: ShardPlan, out: Pat
         try:
             for start in range(0, len(shard.samples), chunk):
                 part = shard.samples[start : start + chunk]
-                specs = [SampleSpec(s.class_index, s.seed, s.token_step) for s in part]
+                specs = [SampleSpec(s.class_index, s.seed, s.token_step, s.ordinal) for s in part]
                 background.put(list(zip(part, generator.generate(specs))))
                 bar.update(len(part))
             background.finish()

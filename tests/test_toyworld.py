@@ -287,12 +287,12 @@ def patch_world_oracle(monkeypatch, drawn_as: dict[tuple[str, str], str] | None 
 
     drawn_as = drawn_as or {}
 
-    def sample(self, specs, seeds):
-        self.encode(specs)  # the real conditioning path: prompts, token files and their class checks
+    def sample(self, specs, conditions, seeds):
+        self.conditioning(specs, conditions)  # the real conditioning path: prompts, token files, class checks
         out = []
         for spec, seed in zip(specs, seeds):
             if self.cfg.strategy == "textual_inversion":
-                name = read_token_file(self.token_files[spec.class_index]).class_name
+                name = read_token_file(self.strategy.token_files[spec.class_index]).class_name
             else:
                 name = self.class_names[spec.class_index]
             colour, shape = name.split(" ", 1)

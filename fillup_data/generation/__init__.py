@@ -9,9 +9,14 @@ from fillup_data.generation.generator import (
     is_bad_image,
 )
 from fillup_data.generation.preview import preview_grid
+from fillup_data.generation.strategies import Condition, Conditioning, Strategy, StrategyContext
 
 __all__ = [
     "BLACK_THRESHOLD",
+    "Condition",
+    "Conditioning",
+    "Strategy",
+    "StrategyContext",
     "GeneratedSample",
     "SampleSpec",
     "SyntheticGenerator",

@@ -118,8 +118,13 @@ class DenoisingSampler:
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
     def denoise(self, prompt_embeds: torch.Tensor, generators: list[torch.Generator], *, guidance_scale: float,
-                num_inference_steps: int, eta: float, height: int, width: int) -> torch.Tensor:
-        """Final latents of ``prompt_embeds`` (one row per generator)."""
+                num_inference_steps: int, eta: float, height: int, width: int,
+                negative_embeds: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
+                negative_class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Final latents of ``prompt_embeds`` (one row per generator). Under guidance the unconditional
+        half is ``negative_embeds`` (default: the empty prompt's embeddings, as the text-to-image
+        pipeline makes them); ``class_labels`` is extra UNet conditioning (unCLIP's noised image
+        embeddings), with ``negative_class_labels`` as its unconditional half."""
         from diffusers.utils.torch_utils import randn_tensor
 
         if self.pipe.unet.config.time_cond_proj_dim is not None:
@@ -129,8 +134,15 @@ class DenoisingSampler:
         rows = prompt_embeds.shape[0]
         embeds = prompt_embeds.to(dtype=self._embeds_dtype(), device=device)
         guided = self.uses_guidance(guidance_scale)
+        labels = class_labels
         if guided:
-            embeds = torch.cat([self.empty_prompt_embeds(rows), embeds])
+            negative = self.empty_prompt_embeds(rows) if negative_embeds is None else negative_embeds
+            embeds = torch.cat([negative.to(dtype=embeds.dtype, device=device), embeds])
+            if labels is not None:
+                if negative_class_labels is None:
+                    raise ValueError("class_labels under guidance need negative_class_labels")
+                labels = torch.cat([negative_class_labels, labels])
+        unet_kwargs = {} if labels is None else {"class_labels": labels.to(device)}
         # CPU timesteps for the scheduler (it indexes CPU tables with them); one device copy for the UNet
         scheduler.set_timesteps(num_inference_steps, device="cpu")
         timesteps = scheduler.timesteps
@@ -155,7 +167,8 @@ class DenoisingSampler:
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise_pred = self._unet(model_input, unet_timesteps[i], encoder_hidden_states=embeds, return_dict=False)[0]
+            noise_pred = self._unet(model_input, unet_timesteps[i], encoder_hidden_states=embeds, **unet_kwargs,
+                                    return_dict=False)[0]
             if guided:
                 noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                 noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)

@@ -81,16 +81,17 @@ class BuildRunner:
 
     def pipe(self):
         if self._pipe is None:
-            from fillup_data.models import load_pipeline_for
+            from fillup_data.generation.strategies import strategy_class
 
-            self._pipe = load_pipeline_for(self.recipe.generator, device=self.worker.device)
+            cfg = self.recipe.generator
+            self._pipe = strategy_class(cfg.strategy).load_pipeline(cfg, device=self.worker.device)
         return self._pipe
 
     def generator(self):
         if self._generator is None:  # made after phase A, when every token file exists
             from fillup_data.synthesis import make_generator
 
-            self._generator = make_generator(self.recipe, self.plan.classes, self.out, self.pipe())
+            self._generator = make_generator(self.recipe, self.plan.classes, self.out, self.pipe(), plan=self.plan)
         return self._generator
 
     def _shard(self, name: str):
