@@ -283,11 +283,12 @@ def score_build(out: str | Path, *, clip_model: str, classifier_run: str | None 
             manifest.quality = None
         manifest.scores = record
         manifest.write(out / "manifest.json")
-        _rewrite_card(out, manifest)
+        refresh_card(out, manifest)
     return ScoreSummary(out, scored, len(order) - scored, summary_rows, time.time() - t0, record)
 
 
-def _rewrite_card(out: Path, manifest: Manifest) -> None:
+def refresh_card(out: Path, manifest: Manifest) -> None:
+    """The local card follows the manifest: it links the quality report exactly when one is recorded."""
     from fillup_data.shards.card import render_card
 
     (out / "README.md").write_text(render_card(manifest.to_dict(), include_real=True), encoding="utf-8")
