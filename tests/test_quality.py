@@ -44,10 +44,11 @@ def test_precision_recall_identical_disjoint_and_by_hand():
     a = np.random.default_rng(1).normal(size=(30, 4))
     assert precision_recall(a, a) == (1.0, 1.0)
     assert precision_recall(a, a + 100) == (0.0, 0.0)
-    # real 0,1,2,3: 3rd-neighbour radii 3,2,2,3.  fake 1.5 and 5 fall inside (|5-3| <= 3), 6.5 and 100 do not;
-    # every real point is within the fake set's radii (1.5's 3rd neighbour is 100)
+    # real 0,1,2,3: 3rd-neighbour radii 3,2,2,3.  fake 1.5 and 5.5 fall inside (|5.5-3| <= 3; with k=2 the
+    # radius of 3 would be 2 and 5.5 outside), 6.5 and 100 do not; every real point is within the fake
+    # set's radii (1.5's 3rd neighbour is 100)
     real = np.array([[0.0], [1.0], [2.0], [3.0]])
-    fake = np.array([[1.5], [5.0], [6.5], [100.0]])
+    fake = np.array([[1.5], [5.5], [6.5], [100.0]])
     assert precision_recall(real, fake) == (0.5, 1.0)
     assert all(math.isnan(v) for v in precision_recall(real[:3], fake))  # k=3 needs more than 3 images
 
