@@ -329,3 +329,16 @@ def test_rescoring_with_another_model_unlinks_the_stale_report(reported, tmp_pat
                  "--classifier-image-size", "16", "--classifier-resize", "16"]) == 0
     assert "quality" not in json.loads((out / "manifest.json").read_text())
     assert "quality/README.md" not in (out / "README.md").read_text()
+
+
+def test_manifest_refuses_report_files_outside_quality(reported, tmp_path):
+    """publish uploads what manifest.quality lists: a path leaving quality/ is refused when read."""
+    from fillup_data.errors import FillupError
+    from fillup_data.schema.manifest import Manifest
+
+    data = json.loads((reported / "manifest.json").read_text())
+    data["quality"]["files"].append({"path": "quality/../../etc/passwd", "num_bytes": 1, "sha256": "x"})
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(FillupError, match=r"quality.files\[\d+\] is not a file under quality/"):
+        Manifest.read(path)
