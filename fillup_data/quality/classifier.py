@@ -103,7 +103,10 @@ def classifier_from_weights(arch: str, weights: str | Path, num_classes: int, im
     from fillup_data.train.presets import eval_transform
 
     weights = Path(weights)
-    model = build_model(arch, num_classes)
+    try:
+        model = build_model(arch, num_classes)
+    except FillupError as err:
+        raise FillupError(f"--classifier-arch: {err}".replace("model.arch ", "")) from None
     state = _load_state(weights)
     _check_head(model, state, weights, num_classes, "manifest.json")
     transform = eval_transform(image_size, resize)
