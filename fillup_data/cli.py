@@ -323,9 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # verbs that live with their subsystems
     from fillup_data.hub import add_publish_parser
+    from fillup_data.quality.cli import register as add_quality_parsers
     from fillup_data.train.cli import add_eval_parser, add_train_parser
 
-    for add in (add_publish_parser, add_train_parser, add_eval_parser):
+    for add in (add_publish_parser, add_train_parser, add_eval_parser, add_quality_parsers):
         add(sub)
     return parser
 

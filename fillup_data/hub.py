@@ -145,6 +145,12 @@ def plan_files(out: Path, manifest: dict, include_real: bool) -> tuple[list[_Loc
     for t in manifest.get("tokens") or []:
         p = _manifest_file(out, t["path"], t["num_bytes"], "token file")
         files.append(_LocalFile(t["path"], p, t["num_bytes"], t.get("sha256") or _sha256(p)))
+    # the quality report: the files manifest.json lists (fillup_data.quality.report), real-pixel grids only with real
+    from fillup_data.quality.report import report_files
+
+    for rel, content in report_files(out, manifest, include_real)[0]:
+        files.append(_LocalFile(rel, content, content.stat().st_size, _sha256(content)) if isinstance(content, Path)
+                     else _LocalFile.from_bytes(rel, content))
     missing = []
     for rel in ["index.parquet"] + card_figures(manifest, include_real):
         p = out / rel
@@ -520,7 +526,7 @@ def publish(
         (unchanged if _same_as_remote(f, remote.get(f.path)) else todo).append(f)
     keep = {f.path for f in data} | {"README.md", "manifest.json"}
     # Files of an earlier version under data/ and tokens/ would be picked up by the card's globs.
-    stale = sorted(p for p in remote if p.split("/", 1)[0] in ("data", "tokens") and p not in keep)
+    stale = sorted(p for p in remote if p.split("/", 1)[0] in ("data", "tokens", "quality") and p not in keep)
     final_todo = [f for f in final if not _same_as_remote(f, remote.get(f.path))]
     todo_bytes = sum(f.size for f in todo)
     log(f"  {len(todo)} file(s) to upload ({todo_bytes / 1e6:.1f} MB), {len(unchanged)} already on the Hub"

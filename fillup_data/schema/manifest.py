@@ -97,12 +97,16 @@ class Manifest(_Record):
     tokens: list[TokenEntry] = field(default_factory=list)
     skipped: int = 0
     sample_keys: list[str] | None = None  # the keys of every sample's json; absent before source_key
+    # written by `fillup-data score` / `quality` (fillup_data.quality); absent from unscored builds
+    scores: dict | None = None  # {"clip_model", "classifier", "columns", "identity", ...}
+    quality: dict | None = None  # {"report", "files": [{"path", "num_bytes", "sha256", "real_pixels"}], ...}
     extra: dict = field(default_factory=dict, repr=False)
-    _omit_if_none = ("sample_keys",)
+    _omit_if_none = ("sample_keys", "scores", "quality")
 
     # the order of manifest.json since its first release (sample_keys came later, last)
     _ORDER = ("name", "version", "parent_version", "fingerprint", "package_version", "model", "recipe",
-              "imbalance_factor", "groups", "classes", "splits", "shards", "tokens", "skipped", "sample_keys")
+              "imbalance_factor", "groups", "classes", "splits", "shards", "tokens", "skipped", "sample_keys",
+              "scores", "quality")
 
     def to_dict(self) -> dict:
         unordered = super().to_dict()
@@ -190,6 +194,26 @@ class Manifest(_Record):
             if unknown:
                 raise FillupError(f"{where}: sample_keys names keys this fillup-data does not know: {unknown}; "
                                   "upgrade fillup-data")
+        self._validate_scores(where)
+
+    def _validate_scores(self, where: str) -> None:
+        """``scores`` names known columns; ``quality`` lists files under quality/ only (publish uploads them)."""
+        from fillup_data.schema.scores import SCORE_NAMES
+
+        rescore = "run `fillup-data score` on the build again"
+        if self.scores is not None:
+            columns = self.scores.get("columns") if isinstance(self.scores, dict) else None
+            if not isinstance(columns, list) or any(c not in SCORE_NAMES for c in columns):
+                raise FillupError(f"{where}: scores.columns must list score columns of {list(SCORE_NAMES)}, got "
+                                  f"{columns!r}; {rescore}")
+        if self.quality is not None:
+            files = self.quality.get("files") if isinstance(self.quality, dict) else None
+            if not isinstance(files, list):
+                raise FillupError(f"{where}: quality.files is not a list; run `fillup-data quality` again")
+            for i, f in enumerate(files):
+                if not (isinstance(f, dict) and is_quality_path(f.get("path")) and _is_count(f.get("num_bytes"))):
+                    raise FillupError(f"{where}: quality.files[{i}] is not a file under quality/ with its num_bytes "
+                                      f"({f!r}); run `fillup-data quality` again")
 
 
 def sample_keys_in(manifest: dict) -> tuple[str, ...]:
@@ -217,10 +241,15 @@ def _is_count(n: Any) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
-def is_build_data_path(path: Any) -> bool:
+def is_build_data_path(path: Any, folder: str = "data") -> bool:
     """A manifest may come from the Hub: its shard paths must stay inside the build's data/ folder,
     whether joined to a local folder or to a Hub revision's URL."""
     if not isinstance(path, str) or "\\" in path or ":" in path or any(ord(ch) < 32 for ch in path):
         return False
     parts = path.split("/")
-    return len(parts) >= 2 and parts[0] == "data" and all(part not in ("", ".", "..") for part in parts)
+    return len(parts) >= 2 and parts[0] == folder and all(part not in ("", ".", "..") for part in parts)
+
+
+def is_quality_path(path: Any) -> bool:
+    """A file of the quality report: under the build's quality/ folder, like shards under data/."""
+    return is_build_data_path(path, "quality")

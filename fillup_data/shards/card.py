@@ -147,6 +147,21 @@ def _setups_line(manifest: dict) -> str:
     return "".join(f"\nSynthetic shards made on {text}: {n}.\n" for text, n in seen.items())
 
 
+def _quality_section(manifest: dict) -> str:
+    """A link to the quality report when ``fillup-data quality`` recorded one (its files are not data_files)."""
+    quality, scores = manifest.get("quality"), manifest.get("scores")
+    if not quality or not scores:
+        return ""
+    return f"""
+## Quality scores
+
+`index.parquet` has the columns `{'`, `'.join(scores['columns'])}` (CLIP `{scores.get('clip_model')}`, classifier
+`{scores.get('classifier') or 'none'}`): filter on them as you see fit, every image is kept. The
+[quality report]({quality['report']}) has per-class score distributions, FID and precision/recall against the real
+images, near-copy counts and the best and worst images of each class.
+"""
+
+
 def render_card(manifest: dict, include_real: bool = True, repo_id: str | None = None, body_extra: str = "") -> str:
     meta = card_metadata(manifest, include_real)
     recipe = manifest["recipe"]
@@ -260,7 +275,7 @@ image = regenerate("path/to/local/copy", sample["json"])     # or: fillup-data r
 {tokens_section}`index.parquet` has one row per sample (key, shard, byte offset and size inside the tar, and all metadata),
 `manifest.json` the recipe, per-class counts and every shard's sha256; `tokens/NNNNN.safetensors` every checkpoint of
 each class's learned token.
-{body_extra}
+{_quality_section(manifest)}{body_extra}
 ## Citation
 
 ```bibtex

@@ -1,0 +1,344 @@
+"""Issue 13: quality scores as index.parquet columns (`score`: resumable after a SIGKILL, a changed model
+recomputes, bad input is a clear error) and the per-class quality report (`quality`), on a tiny build."""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from fillup_data.cli import main
+from fillup_data.quality.metrics import frechet_distance, precision_recall
+from fillup_data.schema.scores import SCORE_COLUMNS, SCORE_NAMES
+
+from .helpers import split_file_recipe, write_split_file_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+CLIP = ["--clip-model", "builtin:tiny-clip", "--device", "cpu", "--batch-size", "4", "--quiet"]
+
+
+# --------------------------------------------------------------------------- metrics against hand-computed values
+def test_fid_of_identical_sets_is_zero_and_of_shifted_sets_the_squared_shift():
+    a = np.random.default_rng(0).normal(size=(40, 3))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-9)
+    assert frechet_distance(a, a + [3, 0, 4]) == pytest.approx(25.0)
+
+
+def test_fid_by_hand_in_one_dimension():
+    # means 1 and 2, unbiased variances 2 and 8: (1-2)^2 + 2 + 8 - 2*sqrt(2*8) = 3
+    assert frechet_distance(np.array([[0.0], [2.0]]), np.array([[0.0], [4.0]])) == pytest.approx(3.0)
+    assert math.isnan(frechet_distance(np.zeros((1, 2)), np.zeros((5, 2))))  # one image: no covariance
+
+
+def test_precision_recall_identical_disjoint_and_by_hand():
+    a = np.random.default_rng(1).normal(size=(30, 4))
+    assert precision_recall(a, a) == (1.0, 1.0)
+    assert precision_recall(a, a + 100) == (0.0, 0.0)
+    # real 0,1,2,3: 3rd-neighbour radii 3,2,2,3.  fake 1.5 and 5.5 fall inside (|5.5-3| <= 3; with k=2 the
+    # radius of 3 would be 2 and 5.5 outside), 6.5 and 100 do not; every real point is within the fake
+    # set's radii (1.5's 3rd neighbour is 100)
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])
+    fake = np.array([[1.5], [5.5], [6.5], [100.0]])
+    assert precision_recall(real, fake) == (0.5, 1.0)
+    assert all(math.isnan(v) for v in precision_recall(real[:3], fake))  # k=3 needs more than 3 images
+
+
+# --------------------------------------------------------------------------- a tiny build, scored
+def _make_build(root: Path) -> Path:
+    from fillup_data.build import run_build
+    from fillup_data.recipe import load_recipe
+
+    write_split_file_dataset(root / "data", [8, 4, 2], test_per_class=2)
+    rec = split_file_recipe(root / "data", fill={"policy": "fill_to", "target": 8}, shards={"max_samples": 6},
+                            generator={"strategy": "single_template", "model": "builtin:tiny-sd",
+                                       "prompt": "a photo of a {class_name}", "guidance_scale": 1.0,
+                                       "num_inference_steps": 2, "resolution": 16})
+    (root / "recipe.yaml").write_text(yaml.safe_dump(rec))
+    out = root / "out"
+    run_build(load_recipe(root / "recipe.yaml"), out, workers=1, progress=False, log=lambda *_: None)
+    return out
+
+
+def shard_shas(out: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "data").glob("*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """An unscored build (kept pristine: copy it before changing it) and a scored copy of it."""
+    root = tmp_path_factory.mktemp("quality")
+    pristine = _make_build(root)
+    scored = root / "scored"
+    shutil.copytree(pristine, scored)
+    assert main(["score", str(scored), *CLIP]) == 0
+    return pristine, scored
+
+
+def copy_of(build: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "build"
+    shutil.copytree(build, dest)
+    return dest
+
+
+def test_scores_are_new_index_columns_and_shards_stay_byte_identical(builds):
+    pristine, scored = builds
+    before, after = pq.read_table(pristine / "index.parquet"), pq.read_table(scored / "index.parquet")
+    assert after.column_names == before.column_names + list(SCORE_NAMES)
+    assert after.select(before.column_names).equals(before)  # every existing column and the row order kept
+    for col in SCORE_COLUMNS:
+        assert after.schema.field(col.name).type == col.arrow_type
+    assert shard_shas(scored) == shard_shas(pristine)
+    rows = after.to_pylist()
+    by_key = {r["key"]: r for r in rows}
+    synthetic = [r for r in rows if r["is_synthetic"]]
+    assert synthetic and all(-1 <= r["clip_score"] <= 1 for r in rows)
+    assert all(math.isnan(r["class_confidence"]) for r in rows)  # no classifier given
+    for r in rows:
+        if not r["is_synthetic"]:
+            assert math.isnan(r["real_similarity"]) and r["nearest_real_key"] == ""
+    for r in synthetic:  # the nearest real image is a real training image of the same class
+        near = by_key[r["nearest_real_key"]]
+        assert (near["label"], near["is_synthetic"], near["split"]) == (r["label"], False, "train")
+        assert -1 <= r["real_similarity"] <= 1 + 1e-6
+
+
+def test_real_similarity_is_the_max_cosine_to_the_class_real_images(builds):
+    """Recompute from the CLIP model itself: the stored column is the maximum, the key is its argmax."""
+    from fillup_data.quality.clip_model import load_clip
+    from fillup_data.shards.figures import _read_image
+
+    _, scored = builds
+    rows = pq.read_table(scored / "index.parquet").to_pylist()
+    clip = load_clip("builtin:tiny-clip", "cpu")
+    syn = next(r for r in rows if r["is_synthetic"])
+    real = [r for r in rows if r["label"] == syn["label"] and not r["is_synthetic"] and r["split"] == "train"]
+    feats = clip.image_features([_read_image(scored, r) for r in [syn, *real]]).numpy().astype(np.float64)
+    sims = feats[1:] @ feats[0]
+    assert syn["real_similarity"] == pytest.approx(sims.max(), abs=1e-5)
+    assert syn["nearest_real_key"] == real[int(sims.argmax())]["key"]
+    text = clip.text_features([f"a photo of a {syn['class_name']}"]).numpy()[0]
+    assert syn["clip_score"] == pytest.approx(float(feats[0] @ text), abs=1e-5)
+
+
+def test_manifest_records_the_scores_and_inspect_still_passes(builds, capsys):
+    from fillup_data.schema.manifest import Manifest
+
+    _, scored = builds
+    manifest = Manifest.read(scored / "manifest.json")
+    assert manifest.scores["clip_model"] == "builtin:tiny-clip" and manifest.scores["classifier"] is None
+    assert manifest.scores["columns"] == list(SCORE_NAMES)
+    assert main(["inspect", str(scored)]) == 0
+    assert "all sha256 and sample counts match" in capsys.readouterr().out
+
+
+KILLED_RUN = """
+import os, sys, time
+import fillup_data.quality.scoring as scoring
+real_write = scoring.write_shard_scores
+done = []
+def write_then_hang(*args, **kw):
+    real_write(*args, **kw)
+    done.append(1)
+    if len(done) == 2:  # two shards stored: stop here and wait for the parent's SIGKILL
+        print("two shards stored", flush=True)
+        time.sleep(600)
+scoring.write_shard_scores = write_then_hang
+from fillup_data.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(builds, tmp_path):
+    pristine, scored = builds
+    out = copy_of(pristine, tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, "score", str(out), *CLIP], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [proc.stdout.readline().strip() for _ in range(2)]  # the plan line, then the hook's
+        assert lines[1] == "two shards stored", lines
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "clip_score" not in pq.read_schema(out / "index.parquet").names  # killed before the index rewrite
+    resumed = subprocess.run([sys.executable, "-m", "fillup_data.cli", "score", str(out), *CLIP], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 already scored with this model, 4 to score" in resumed.stdout
+    # the same values (NaN included: pandas compares NaN as equal, arrow does not) and the same bytes
+    assert pq.read_table(out / "index.parquet").to_pandas().equals(pq.read_table(scored / "index.parquet").to_pandas())
+    assert (out / "index.parquet").read_bytes() == (scored / "index.parquet").read_bytes()
+
+
+def _tiny_cnn_weights(path: Path, num_classes: int) -> Path:
+    import torch
+
+    from fillup_data.train.models import build_model, save_weights
+
+    torch.manual_seed(0)
+    save_weights(build_model("tiny_cnn", num_classes), path)
+    return path
+
+
+def test_a_classifier_fills_class_confidence_and_a_changed_model_recomputes(builds, tmp_path, capsys):
+    _, scored = builds
+    out = copy_of(scored, tmp_path)
+    weights = _tiny_cnn_weights(tmp_path / "cnn.safetensors", 3)
+    assert main(["score", str(out), *CLIP, "--classifier-arch", "tiny_cnn", "--classifier-weights", str(weights),
+                 "--classifier-image-size", "16", "--classifier-resize", "16"]) == 0
+    assert "0 already scored with this model, 6 to score" in capsys.readouterr().out
+    conf = pq.read_table(out / "index.parquet", columns=["class_confidence"]).column(0).to_pylist()
+    assert all(0 < c <= 1 for c in conf)
+    assert json.loads((out / "manifest.json").read_text())["scores"]["classifier"].startswith("tiny_cnn ")
+    # the same command again reuses every shard
+    assert main(["score", str(out), *CLIP, "--classifier-arch", "tiny_cnn", "--classifier-weights", str(weights),
+                 "--classifier-image-size", "16", "--classifier-resize", "16"]) == 0
+    assert "6 already scored with this model, 0 to score" in capsys.readouterr().out
+
+
+def test_classifier_from_a_training_run_folder(builds, tmp_path, capsys):
+    """A real Stage I run of our trainer (one epoch): its run.json builds the model and eval transform."""
+    _, scored = builds
+    out = copy_of(scored, tmp_path)
+    run = tmp_path / "run1"
+    assert main(["train", "--data", str(out), "--config", str(REPO / "recipes/train/demo.yaml"), "--stage", "1",
+                 "--out", str(run), "--device", "cpu", "--set", "stage1.epochs=1", "--set", "stage1.warmup_epochs=0",
+                 "--set", "stage1.batch_size=8",                 "--set", "model.width=4", "--set", "data.image_size=16", "--set", "data.eval_resize=16"]) == 0
+    capsys.readouterr()
+    assert main(["score", str(out), *CLIP, "--classifier", str(run)]) == 0
+    conf = pq.read_table(out / "index.parquet", columns=["class_confidence"]).column(0).to_pylist()
+    assert all(0 < c <= 1 for c in conf)
+    assert json.loads((out / "manifest.json").read_text())["scores"]["classifier"] == str(run)
+
+
+# --------------------------------------------------------------------------- bad input: exit 2, file named
+def _fails(argv, capsys, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_bad_input_is_a_clear_error(builds, tmp_path, capsys):
+    pristine, _ = builds
+    no_index = tmp_path / "no-index"
+    no_index.mkdir()
+    shutil.copy(pristine / "manifest.json", no_index / "manifest.json")
+    _fails(["score", str(no_index), *CLIP], capsys, str(no_index / "index.parquet"), "finished build")
+
+    out = copy_of(pristine, tmp_path)
+    _fails(["score", str(out), "--clip-model", "org/no-such-clip", "--device", "cpu"], capsys,
+           "--clip-model", "'org/no-such-clip'")
+    wrong = _tiny_cnn_weights(tmp_path / "five.safetensors", 5)
+    _fails(["score", str(out), *CLIP, "--classifier-arch", "tiny_cnn", "--classifier-weights", str(wrong)], capsys,
+           str(wrong), "5 classes", "the build has 3")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"class_names": ["a", "b"], "config": {}}))
+    (run / "model.safetensors").write_bytes(b"")
+    _fails(["score", str(out), *CLIP, "--classifier", str(run)], capsys, "run.json", "2 classes", "the build has 3")
+    _fails(["quality", str(out)], capsys, "no scores", "fillup-data score")
+
+    shard = sorted((out / "data").glob("train-synthetic-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated: differs from the manifest's sha256
+    _fails(["score", str(out), *CLIP], capsys, str(shard), "sha256")
+    shard.unlink()
+    _fails(["score", str(out), *CLIP], capsys, str(shard), "cannot read")
+
+
+# --------------------------------------------------------------------------- the quality report
+@pytest.fixture(scope="module")
+def reported(builds, tmp_path_factory):
+    _, scored = builds
+    out = tmp_path_factory.mktemp("report") / "build"
+    shutil.copytree(scored, out)
+    assert main(["quality", str(out), "--quiet", "--per-class", "3"]) == 0
+    return out
+
+
+def quality_bytes(out: Path) -> dict:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "quality").rglob("*")) if p.is_file()}
+
+
+def test_report_numbers_files_and_same_bytes_on_rerun(reported):
+    summary = json.loads((reported / "quality" / "summary.json").read_text())
+    by_index = {c["index"]: c for c in summary["classes"]}
+    # class 0 has 8 real images and no synthetic one: nothing to compare; class 2 has 2 real images:
+    # an FID (flagged unreliable) but too few for k=3 precision/recall
+    assert by_index[0]["synthetic"] == 0 and by_index[0]["fid"] is None and by_index[0]["precision"] is None
+    assert by_index[2]["real"] == 2 and by_index[2]["fid"] is not None and not by_index[2]["fid_reliable"]
+    assert by_index[2]["precision"] is None
+    rows = pq.read_table(reported / "index.parquet").to_pylist()
+    assert summary["overall"]["near_copies"] == sum(1 for r in rows if r["is_synthetic"]
+                                                    and r["real_similarity"] >= 0.95)
+    assert summary["overall"]["fid"] is not None and 0 <= summary["overall"]["precision"] <= 1
+    text = (reported / "quality" / "README.md").read_text()
+    for c in summary["classes"]:
+        for rel in c["files"].values():
+            assert (reported / rel).is_file()
+    assert "](classes/00001-grid.png)" in text and "](scores.png)" in text
+    first = quality_bytes(reported)
+    assert main(["quality", str(reported), "--quiet", "--per-class", "3"]) == 0
+    assert quality_bytes(reported) == first
+
+
+def test_card_links_the_report_and_load_dataset_still_works(reported):
+    import datasets
+
+    card = (reported / "README.md").read_text()
+    assert "](quality/README.md)" in card
+    meta = yaml.safe_load(card.split("---")[1])
+    assert all(str(f["path"]).endswith(".tar") or all(p.endswith(".tar") for p in f["path"])
+               for c in meta["configs"] for f in c["data_files"])
+    ds = datasets.load_dataset(str(reported), split="train")
+    assert len(ds) == sum(c["real"] + c["synthetic"] for c in json.loads((reported / "manifest.json").read_text())
+                          ["classes"])
+    assert isinstance(ds.features["cls"], datasets.ClassLabel)
+
+
+def test_publish_uploads_the_listed_report_and_no_real_pixels_without_real_images(reported):
+    from fillup_data.hub import _read_manifest, plan_files
+
+    manifest = _read_manifest(reported)
+    with_real = {f.path for f in plan_files(reported, manifest, include_real=True)[0]}
+    assert {f["path"] for f in manifest["quality"]["files"]} <= with_real
+    files = {f.path: f for f in plan_files(reported, manifest, include_real=False)[0]}
+    assert "quality/classes/00001-grid-synthetic.png" in files and "quality/classes/00001-grid.png" not in files
+    readme = files["quality/README.md"].read().decode()
+    assert "](classes/00001-grid-synthetic.png)" in readme and "](classes/00001-grid.png)" not in readme
+
+
+def test_rescoring_with_another_model_unlinks_the_stale_report(reported, tmp_path, capsys):
+    out = copy_of(reported, tmp_path)
+    weights = _tiny_cnn_weights(tmp_path / "cnn.safetensors", 3)
+    assert main(["score", str(out), *CLIP, "--classifier-arch", "tiny_cnn", "--classifier-weights", str(weights),
+                 "--classifier-image-size", "16", "--classifier-resize", "16"]) == 0
+    assert "quality" not in json.loads((out / "manifest.json").read_text())
+    assert "quality/README.md" not in (out / "README.md").read_text()
+
+
+def test_manifest_refuses_report_files_outside_quality(reported, tmp_path):
+    """publish uploads what manifest.quality lists: a path leaving quality/ is refused when read."""
+    from fillup_data.errors import FillupError
+    from fillup_data.schema.manifest import Manifest
+
+    data = json.loads((reported / "manifest.json").read_text())
+    data["quality"]["files"].append({"path": "quality/../../etc/passwd", "num_bytes": 1, "sha256": "x"})
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(FillupError, match=r"quality.files\[\d+\] is not a file under quality/"):
+        Manifest.read(path)
