@@ -35,7 +35,7 @@ from fillup_data.state import (LOCK_NAME, STATE_DIR, BuildLock, completed_shard,
                                shard_record_path, write_json_atomic)
 
 # Everything a build writes into OUT (README "Output"): ``--force`` deletes these and nothing else.
-BUILD_OUTPUTS = ("data", "tokens", "assets", STATE_DIR, "manifest.json", "index.parquet", "README.md", "report.json")
+BUILD_OUTPUTS = ("data", "tokens", "assets", "quality", STATE_DIR, "manifest.json", "index.parquet", "README.md", "report.json")
 
 
 @dataclass
