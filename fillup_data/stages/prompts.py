@@ -39,6 +39,20 @@ def prompt_groups(recipe: Recipe, plan: Plan) -> list[list[int]]:
     return [idx[i : i + CLASSES_PER_TASK] for i in range(0, len(idx), CLASSES_PER_TASK)]
 
 
+def prompt_work_line(recipe: Recipe, plan: Plan) -> str | None:
+    """What ``plan`` prints for the prompts stage (None for other strategies); its time is not estimated."""
+    g = recipe.generator
+    if g.strategy not in PROMPT_STRATEGIES:
+        return None
+    classes = [c for c in plan.classes if c.synthetic > 0]
+    if g.strategy == "lm_prompts":
+        lm = g.language_model
+        return (f"prompts: {len(classes):,} classes x {lm.num_prompts} prompts from {lm.model} ({lm.decoding}), "
+                "made once before generation (time not estimated)")
+    return (f"prompts: {sum(c.real for c in classes):,} real images of {len(classes):,} classes captioned once by "
+            f"{g.captioner.model} before generation (time not estimated)")
+
+
 def group_record_path(out: Path, group: int) -> Path:
     return Path(out) / ".fillup" / "prompts" / f"g{group:05d}.json"
 
@@ -143,14 +157,22 @@ def _remove_stale_temps(out: Path, classes: list[int]) -> None:
 def run_prompts_group(recipe: Recipe, out: Path, group: int, classes: list[int], load_maker, progress: bool) -> dict:
     """The task: make the group's classes that are not made yet, each file written as soon as it is
     made, then the group's record (last). ``load_maker()`` gives the worker's PromptMaker."""
-    from tqdm.auto import tqdm
-
     if group_done(out, recipe, group, classes):
         return {"skipped": True}
+    made = make_prompts(recipe, out, classes, load_maker, progress, desc=f"prompts g{group:05d}")
+    write_json_atomic(group_record_path(out, group), {"group": group, "classes": classes})
+    return {"classes_prompted": made}
+
+
+def make_prompts(recipe: Recipe, out: Path, classes: list[int], load_maker, progress: bool,
+                 desc: str = "prompts") -> int:
+    """Write ``prompts/NNNNN.json`` for each of ``classes`` not made yet (a build's task, or ``preview``
+    for its classes); returns how many were made."""
+    from tqdm.auto import tqdm
+
     _remove_stale_temps(out, classes)
     todo = [c for c in classes if not class_done(out, recipe, c)]
     maker = load_maker() if todo else None
-    for c in tqdm(todo, desc=f"prompts g{group:05d}", unit="class", disable=not progress, leave=False):
+    for c in tqdm(todo, desc=desc, unit="class", disable=not progress, leave=False):
         maker.make(c).write(prompt_file_path(out, c))
-    write_json_atomic(group_record_path(out, group), {"group": group, "classes": classes})
-    return {"classes_prompted": len(todo)}
+    return len(todo)
