@@ -159,10 +159,15 @@ class LanguageModelConfig(_Strict):
     num_beams: int | None = Field(None, ge=1)  # beam: default 4 x num_prompts (paper B.1)
     max_new_tokens: int = Field(60, ge=1, le=4096)  # paper B.1: "a sentence up to 60 tokens long"
 
+    @field_validator("input")
+    @classmethod
+    def _input_has_class_name(cls, text: str) -> str:
+        if "{class_name}" not in text:
+            raise ValueError(f"{text!r} must contain {{class_name}} (where the class name goes)")
+        return text
+
     @model_validator(mode="after")
     def _checks(self) -> "LanguageModelConfig":
-        if "{class_name}" not in self.input:
-            raise ValueError(f"input: {self.input!r} must contain {{class_name}} (where the class name goes)")
         if self.decoding == "beam" and self.num_beams is not None and self.num_beams < self.num_prompts:
             raise ValueError(f"num_beams ({self.num_beams}) must be >= num_prompts ({self.num_prompts}): beam search "
                              "returns at most one prompt per beam")
