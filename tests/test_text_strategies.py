@@ -260,6 +260,11 @@ def test_lm_prompts_build_records_the_stored_prompt_of_each_sample_and_is_reprod
         assert r["prompt"] == stored.prompts[ordinal % 7]
     manifest = Manifest.read(a / "manifest.json")
     assert {p.path for p in manifest.prompts} == {f"prompts/{c:05d}.json" for c in {r["label"] for r in rows}}
+    from fillup_data.hub import plan_files
+
+    published = {f.path for f in plan_files(a, manifest.to_dict(), include_real=False)[0]}
+    assert {p.path for p in manifest.prompts} <= published  # publish uploads them with the shards
+    assert "prompts/NNNNN.json" in (a / "README.md").read_text()  # and the card says what they are
     assert digests(a) == digests(b)
     res = regenerate_sample(a, rows[-1]["key"])
     assert res.exact, res.summary()
