@@ -35,7 +35,8 @@ from fillup_data.state import (LOCK_NAME, STATE_DIR, BuildLock, completed_shard,
                                shard_record_path, write_json_atomic)
 
 # Everything a build writes into OUT (README "Output"): ``--force`` deletes these and nothing else.
-BUILD_OUTPUTS = ("data", "tokens", "assets", "quality", STATE_DIR, "manifest.json", "index.parquet", "README.md", "report.json")
+BUILD_OUTPUTS = ("data", "tokens", "prompts", "assets", "quality", STATE_DIR, "manifest.json", "index.parquet",
+                 "README.md", "report.json")
 
 
 @dataclass
@@ -307,7 +308,8 @@ def phase_lines(out: str | os.PathLike) -> list[str]:
     probe = BuildRunner(recipe, out, progress=False)
     probe._index, probe._plan = index, plan
     phases = build_phases(recipe, plan)
-    names = {"real": "real shards", "invert": "inversion groups", "synthetic": "synthetic shards"}
+    names = {"real": "real shards", "invert": "inversion groups", "prompts": "prompt groups",
+             "synthetic": "synthetic shards"}
     lines = []
     for k, (phase, status) in enumerate(zip(phases, read_status(state, phases, probe.is_done))):
         kinds = sorted({t.id.split("/", 1)[0] for t in phase}, key=list(names).index)

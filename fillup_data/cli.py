@@ -62,6 +62,10 @@ def cmd_plan(args) -> int:
     if index.skipped:
         print("skipped images: " + ", ".join(f"{n} {r}" for r, n in index.skip_counts().items()))
     print(f"images to generate: {plan.num_synthetic:,}   (planned in {time.time() - t0:.1f}s)")
+    from fillup_data.stages.prompts import prompt_work_line
+
+    if (line := prompt_work_line(recipe, plan)) is not None:
+        print(line)
     work = work_of(recipe, plan)
     rates, why = choose_rates(recipe) if (work.synthetic_images or work.inversion_class_steps) else (None, "")
     print(format_cost(recipe, work, rates, why, gpus=args.gpus))
@@ -189,6 +193,12 @@ def cmd_preview(args) -> int:
     pipe = strategy.load_pipeline(recipe.generator, device=None)
     if strategy.inverts:
         synthesis.invert_all(recipe, plan, index, work, pipe, progress=True, classes=classes)
+    if strategy.prepares:  # the prompts a build would make first (lm_prompts, captions), for these classes
+        from fillup_data.stages.prompts import PromptMaker, make_prompts, prompt_groups
+
+        prompt_groups(recipe, plan)  # refuses what a build would refuse (captions of a class without images)
+        device = str(pipe.unet.device)
+        make_prompts(recipe, work, classes, lambda: PromptMaker(recipe, plan, device=device), progress=True)
     generator = synthesis.make_generator(recipe, plan.classes, work, pipe, plan=plan)
     real, synthetic = {}, {}
     for c in classes:
@@ -302,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", required=True, help="class indices or names, comma-separated")
     p.add_argument("--n", type=int, default=8, help="images per class and side")
     p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--tokens", help="folder for the preview's token files (default: next to --out)")
+    p.add_argument("--tokens", help="folder for the preview's token and prompts files (default: next to --out)")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=cmd_preview)
 

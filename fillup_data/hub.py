@@ -145,6 +145,10 @@ def plan_files(out: Path, manifest: dict, include_real: bool) -> tuple[list[_Loc
     for t in manifest.get("tokens") or []:
         p = _manifest_file(out, t["path"], t["num_bytes"], "token file")
         files.append(_LocalFile(t["path"], p, t["num_bytes"], t.get("sha256") or _sha256(p)))
+    # prompts/NNNNN.json: the prompts lm_prompts / captions generated from (checked under prompts/ by the manifest)
+    for t in manifest.get("prompts") or []:
+        p = _manifest_file(out, t["path"], t["num_bytes"], "prompts file")
+        files.append(_LocalFile(t["path"], p, t["num_bytes"], t.get("sha256") or _sha256(p)))
     # the quality report: the files manifest.json lists (fillup_data.quality.report), real-pixel grids only with real
     from fillup_data.quality.report import report_files
 
@@ -419,7 +423,7 @@ def _mismatches(tree: dict[str, Any], files: list[_LocalFile]) -> list[str]:
     wrong = [f"{f.path} ({'missing' if f.path not in tree else 'other content'})"
              for f in files if not _same_as_remote(f, tree.get(f.path))]
     extra = [f"{p} (not in this build)" for p in sorted(tree)
-             if p.split("/", 1)[0] in ("data", "tokens") and p not in ours]
+             if p.split("/", 1)[0] in ("data", "tokens", "prompts") and p not in ours]
     return wrong + extra
 
 
@@ -526,7 +530,7 @@ def publish(
         (unchanged if _same_as_remote(f, remote.get(f.path)) else todo).append(f)
     keep = {f.path for f in data} | {"README.md", "manifest.json"}
     # Files of an earlier version under data/ and tokens/ would be picked up by the card's globs.
-    stale = sorted(p for p in remote if p.split("/", 1)[0] in ("data", "tokens", "quality") and p not in keep)
+    stale = sorted(p for p in remote if p.split("/", 1)[0] in ("data", "tokens", "quality", "prompts") and p not in keep)
     final_todo = [f for f in final if not _same_as_remote(f, remote.get(f.path))]
     todo_bytes = sum(f.size for f in todo)
     log(f"  {len(todo)} file(s) to upload ({todo_bytes / 1e6:.1f} MB), {len(unchanged)} already on the Hub"

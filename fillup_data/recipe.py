@@ -126,7 +126,8 @@ class GroupsConfig(_Strict):
 PROMPT_NEEDS = {"textual_inversion": ("{token}",), "single_template": ("{token}", "{class_name}")}
 
 # generator.strategy values (fillup_data.generation.strategies.REGISTRY holds their classes)
-StrategyName = Literal["none", "single_template", "clip_templates", "textual_inversion"]
+StrategyName = Literal["none", "single_template", "clip_templates", "textual_inversion",
+                       "lm_prompts", "captions"]
 
 
 def _auto_or_positive(v):
@@ -137,6 +138,60 @@ def _auto_or_positive(v):
 
 # a size resolved on the worker (``auto``) or given as a positive integer
 AutoOrPositive = Annotated[Union[int, Literal["auto"]], AfterValidator(_auto_or_positive)]
+
+
+class LanguageModelConfig(_Strict):
+    """``lm_prompts`` (paper 3.1, B.1): a transformers language model that writes the prompts of a class,
+    N per class, once per build (stored in ``prompts/``). T5-style (seq2seq) models answer ``input``;
+    GPT-style (causal) ones continue it, and the prompt is the input with its continuation."""
+
+    model: str  # hub id, local folder (save_pretrained layout) or builtin:tiny-t5 / builtin:tiny-gpt2
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    # what the model is given; e.g. Flan-Alpaca (paper B.1): "Generate a prompt-style sentence for image
+    # generation including {class_name}"
+    input: str = "{class_name}"
+    num_prompts: int = Field(50, ge=1, le=100_000)
+    # paper B.1 / table A7: top-p sampling (p 0.95, k 50) beat beam search (4 x n beams for n prompts)
+    decoding: Literal["sample", "beam"] = "sample"
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0)
+    num_beams: int | None = Field(None, ge=1)  # beam: default 4 x num_prompts (paper B.1)
+    max_new_tokens: int = Field(60, ge=1, le=4096)  # paper B.1: "a sentence up to 60 tokens long"
+
+    @field_validator("input")
+    @classmethod
+    def _input_has_class_name(cls, text: str) -> str:
+        if "{class_name}" not in text:
+            raise ValueError(f"{text!r} must contain {{class_name}} (where the class name goes)")
+        return text
+
+    @model_validator(mode="after")
+    def _checks(self) -> "LanguageModelConfig":
+        if self.decoding == "beam" and self.num_beams is not None and self.num_beams < self.num_prompts:
+            raise ValueError(f"num_beams ({self.num_beams}) must be >= num_prompts ({self.num_prompts}): beam search "
+                             "returns at most one prompt per beam")
+        return self
+
+
+class CaptionerConfig(_Strict):
+    """``captions`` (paper 3.1 "Transmodal", B.3): an image-to-text model captions every real training
+    image of a class once, greedily; the captions are stored in ``prompts/`` and used evenly."""
+
+    model: str  # hub id, local folder or builtin:tiny-blip (BLIP, BLIP-2 or another image-text-to-text model)
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    max_new_tokens: int = Field(30, ge=1, le=4096)
+    batch_size: int = Field(16, ge=1)  # images per captioning call (recorded: batching may change a caption)
+    # the generation prompt made of a caption; the paper uses the caption as is
+    template: str = "{caption}"
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_caption(cls, template: str) -> str:
+        if "{caption}" not in template:
+            raise ValueError(f"{template!r} must contain {{caption}} (where the caption goes)")
+        return template
 
 
 class GeneratorConfig(_Strict):
@@ -160,7 +215,10 @@ class GeneratorConfig(_Strict):
     compile: Union[bool, Literal["auto"]] = "auto"
     safety_checker: bool = False
     max_retries: int = Field(5, ge=0)
-
+    # lm_prompts: the language model that writes each class's prompts (required by, and only for, lm_prompts)
+    language_model: LanguageModelConfig | None = None
+    # captions: the image-to-text model that captions the real images (required by, and only for, captions)
+    captioner: CaptionerConfig | None = None
 
     @model_validator(mode="after")
     def _checks(self) -> "GeneratorConfig":
@@ -174,6 +232,13 @@ class GeneratorConfig(_Strict):
             for i, t in enumerate(self.templates):
                 if "{class_name}" not in t:
                     raise ValueError(f"templates[{i}]: {t!r} must contain {{class_name}} (where the class name goes)")
+        for name, strategy in (("language_model", "lm_prompts"), ("captioner", "captions")):
+            given = getattr(self, name) is not None
+            if given and self.strategy != strategy:
+                raise ValueError(f"{name}: only used by strategy {strategy}, not {self.strategy!r}")
+            if not given and self.strategy == strategy:
+                raise ValueError(f"strategy {strategy} needs generator.{name} (at least its model: a hub id or "
+                                 "folder)")
         return self
 
     @field_validator("prompt")
@@ -283,7 +348,8 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Where ``${VAR}`` is expanded: where the data and the model live, which differs between machines.
 # Anywhere else (a prompt, a card's license, a repo name) a variable would copy the environment
 # into every sample, the manifest and the card, so it is an error there.
-ENV_FIELDS = ("source.root", "source.train", "source.test", "source.class_names", "source.path", "generator.model")
+ENV_FIELDS = ("source.root", "source.train", "source.test", "source.class_names", "source.path", "generator.model",
+              "generator.language_model.model", "generator.captioner.model")
 # Variables whose names look like credentials are never expanded, wherever they appear.
 _SECRET_WORDS = ("TOKEN", "SECRET", "KEY", "PASSWORD", "PASSWD", "CREDENTIAL")
 

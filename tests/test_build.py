@@ -233,13 +233,15 @@ def test_force_deletes_only_the_build_files_and_says_what_it_left(tmp_path, caps
     (out / "runs" / "log.txt").write_text("mine too")
     (out / "quality").mkdir()  # a quality report of the old build (fillup-data quality) goes with it
     (out / "quality" / "README.md").write_text("report of the old build")
+    (out / "prompts").mkdir()  # prompts a language model or captioner made for the old build go too
+    (out / "prompts" / "00000.json").write_text("{}")
     assert main(["build", str(other), "--out", str(out), "--quiet"]) == 2
     assert "different recipe" in capsys.readouterr().err and (out / "notes.txt").is_file()
     assert main(["build", str(other), "--out", str(out), "--quiet", "--force"]) == 0
     text = capsys.readouterr().out
     assert "left 2 other entries" in text and "notes.txt" in text and "runs" in text
     assert (out / "notes.txt").read_text() == "mine" and (out / "runs" / "log.txt").read_text() == "mine too"
-    assert not (out / "quality").exists()
+    assert not (out / "quality").exists() and not (out / "prompts").exists()
     record = json.loads((out / ".fillup" / "build.json").read_text())
     assert record["recipe"]["seed"] == 3 and main(["inspect", str(out)]) == 0
 

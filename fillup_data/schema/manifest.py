@@ -77,7 +77,18 @@ class TokenEntry(_Record):
     _omit_if_none = ("format",)
 
 
-_NESTED = {"classes": ClassEntry, "shards": ShardEntry, "tokens": TokenEntry}
+@dataclass
+class PromptsEntry(_Record):
+    """``prompts/NNNNN.json``: the prompts ``lm_prompts`` / ``captions`` made for a class (generation.prompt_files)."""
+
+    path: str
+    class_index: int
+    num_bytes: int
+    sha256: str
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+_NESTED = {"classes": ClassEntry, "shards": ShardEntry, "tokens": TokenEntry, "prompts": PromptsEntry}
 
 
 @dataclass
@@ -95,18 +106,19 @@ class Manifest(_Record):
     groups: dict | None = None  # {"many_above", "few_below"}
     splits: dict | None = None  # {"train": {"real", "synthetic"}, "test": {"real"}}
     tokens: list[TokenEntry] = field(default_factory=list)
+    prompts: list[PromptsEntry] | None = None  # lm_prompts / captions builds: every class's prompts file
     skipped: int = 0
     sample_keys: list[str] | None = None  # the keys of every sample's json; absent before source_key
     # written by `fillup-data score` / `quality` (fillup_data.quality); absent from unscored builds
     scores: dict | None = None  # {"clip_model", "classifier", "columns", "identity", ...}
     quality: dict | None = None  # {"report", "files": [{"path", "num_bytes", "sha256", "real_pixels"}], ...}
     extra: dict = field(default_factory=dict, repr=False)
-    _omit_if_none = ("sample_keys", "scores", "quality")
+    _omit_if_none = ("sample_keys", "scores", "quality", "prompts")
 
     # the order of manifest.json since its first release (sample_keys came later, last)
     _ORDER = ("name", "version", "parent_version", "fingerprint", "package_version", "model", "recipe",
-              "imbalance_factor", "groups", "classes", "splits", "shards", "tokens", "skipped", "sample_keys",
-              "scores", "quality")
+              "imbalance_factor", "groups", "classes", "splits", "shards", "tokens", "prompts", "skipped",
+              "sample_keys", "scores", "quality")
 
     def to_dict(self) -> dict:
         unordered = super().to_dict()
@@ -142,14 +154,17 @@ class Manifest(_Record):
         for key in ("classes", "shards"):
             if not isinstance(data[key], list):
                 raise FillupError(f"{where}: missing or malformed {key!r} list; {REBUILD}")
-        if not isinstance(data.get("tokens") or [], list):
-            raise FillupError(f"{where}: malformed 'tokens' list; {REBUILD}")
+        for key in ("tokens", "prompts"):
+            if not isinstance(data.get(key) or [], list):
+                raise FillupError(f"{where}: malformed {key!r} list; {REBUILD}")
         classes = [_entry(ClassEntry, c, f"{where}: classes[{i}]") for i, c in enumerate(data["classes"])]
         shards = [_entry(ShardEntry, s, f"{where}: shards[{i}]") for i, s in enumerate(data["shards"])]
         tokens = [_entry(TokenEntry, t, f"{where}: tokens[{i}]") for i, t in enumerate(data.get("tokens") or [])]
+        prompts = (None if data.get("prompts") is None else
+                   [_entry(PromptsEntry, p, f"{where}: prompts[{i}]") for i, p in enumerate(data["prompts"])])
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: v for k, v in data.items() if k in known and k not in _NESTED}
-        manifest = cls(**values, classes=classes, shards=shards, tokens=tokens,
+        manifest = cls(**values, classes=classes, shards=shards, tokens=tokens, prompts=prompts,
                        extra={k: v for k, v in data.items() if k not in known})
         manifest.validate(where)
         return manifest
@@ -189,6 +204,10 @@ class Manifest(_Record):
             if not _is_count(s.num_samples):
                 raise FillupError(f"{where}: shards[{i}].num_samples {s.num_samples!r} is not a count "
                                   "(an integer >= 0)")
+        for i, p in enumerate(self.prompts or []):
+            if not is_build_data_path(p.path, "prompts") or not _is_count(p.num_bytes):
+                raise FillupError(f"{where}: prompts[{i}] is not a file under prompts/ with its num_bytes ({p.path!r}, "
+                                  f"{p.num_bytes!r}); the manifest is damaged or was not written by `fillup-data build`")
         if self.sample_keys is not None:
             unknown = [k for k in self.sample_keys if k not in FIELD_BY_NAME]
             if unknown:

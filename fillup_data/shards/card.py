@@ -162,6 +162,28 @@ images, near-copy counts and the best and worst images of each class.
 """
 
 
+def _prompt_line(gen: dict) -> str:
+    if gen.get("strategy") == "lm_prompts" and gen.get("language_model"):
+        return f"prompts written by `{gen['language_model']['model']}`"
+    if gen.get("strategy") == "captions" and gen.get("captioner"):
+        return f"prompts `{gen['captioner']['template']}` from captions by `{gen['captioner']['model']}`"
+    return f"prompt `{gen['prompt']}`"
+
+
+def _prompts_section(manifest: dict) -> str:
+    """For builds that made their prompts first (lm_prompts, captions): where they are and how they were used."""
+    if not manifest.get("prompts"):
+        return ""
+    made_by = ("a language model writes each class's prompts once" if manifest["recipe"]["generator"]["strategy"]
+               == "lm_prompts" else "a captioner writes one caption per real training image, `source_key` names it")
+    return f"""## Prompts
+
+`prompts/NNNNN.json` holds the prompts class NNNNN was generated from ({made_by}), with the model, its
+settings and seed. Synthetic sample k of a class used entry k mod n of its list; its `json` records the exact `prompt`.
+
+"""
+
+
 def render_card(manifest: dict, include_real: bool = True, repo_id: str | None = None, body_extra: str = "") -> str:
     meta = card_metadata(manifest, include_real)
     recipe = manifest["recipe"]
@@ -209,6 +231,7 @@ image = pipe("a photo of a <fillup-{c}>", guidance_scale={gen['guidance_scale']}
 ```
 
 """
+    prompts_section = _prompts_section(manifest)
     yaml_text = yaml.dump(meta, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True, width=120)
     body = f"""# {name}
 
@@ -219,7 +242,7 @@ fillup-data version {manifest.get('package_version', '')}.
 - version: `{version}`, fingerprint `{manifest['fingerprint'][:16]}`
 - source: `{recipe['source']['kind']}`, {len(manifest['classes'])} classes, imbalance factor {manifest.get('imbalance_factor', 'n/a')}
 - fill policy: `{recipe['fill']['policy']}` {recipe['fill'].get('target') or ''}
-- generator: `{gen['model']}` ({gen['strategy']}), prompt `{gen['prompt']}`, guidance {gen['guidance_scale']},
+- generator: `{gen['model']}` ({gen['strategy']}), {_prompt_line(gen)}, guidance {gen['guidance_scale']},
   {gen['num_inference_steps']} {gen['scheduler']} steps, {gen['resolution']} px
 {default_note}
 ## Counts by group (real training images: many > {recipe['groups']['many_above']}, few < {recipe['groups']['few_below']})
@@ -272,7 +295,7 @@ from fillup_data.synthesis import regenerate
 image = regenerate("path/to/local/copy", sample["json"])     # or: fillup-data regenerate BUILD --key KEY --image x.png
 ```
 
-{tokens_section}`index.parquet` has one row per sample (key, shard, byte offset and size inside the tar, and all metadata),
+{tokens_section}{prompts_section}`index.parquet` has one row per sample (key, shard, byte offset and size inside the tar, and all metadata),
 `manifest.json` the recipe, per-class counts and every shard's sha256; `tokens/NNNNN.safetensors` every checkpoint of
 each class's learned token.
 {_quality_section(manifest)}{body_extra}

@@ -12,7 +12,7 @@ from fillup_data.index import SourceIndex
 from fillup_data.plan import Plan
 from fillup_data.recipe import Recipe
 from fillup_data.schema import sample as sample_schema
-from fillup_data.schema.manifest import ClassEntry, Manifest, ShardEntry, TokenEntry
+from fillup_data.schema.manifest import ClassEntry, Manifest, PromptsEntry, ShardEntry, TokenEntry
 from fillup_data.shards.card import render_card
 from fillup_data.shards.index_parquet import write_index
 from fillup_data.shards.writer import sha256_file
@@ -29,6 +29,22 @@ def drop_mismatched_shards(out: Path, plan: Plan) -> list[str]:
             forget_shard(out, s)
             bad.append(s.path)
     return bad
+
+
+def prompts_entries(recipe: Recipe, plan: Plan, out: Path) -> list[PromptsEntry] | None:
+    """Every class's ``prompts/NNNNN.json`` of an lm_prompts / captions build (None for other strategies)."""
+    from fillup_data.generation.prompt_files import PROMPT_STRATEGIES, prompt_file_path
+
+    if recipe.generator.strategy not in PROMPT_STRATEGIES:
+        return None
+    entries = []
+    for c in plan.classes:
+        p = prompt_file_path(out, c.index)
+        if c.synthetic > 0 and not p.is_file():
+            raise FillupError(f"{p}: missing; relaunch the build to make the prompts of class {c.index}")
+        if p.is_file():
+            entries.append(PromptsEntry(p.relative_to(out).as_posix(), c.index, p.stat().st_size, sha256_file(p)))
+    return entries
 
 
 def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str,
@@ -61,6 +77,7 @@ def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str,
                 tokens.append(TokenEntry(f"tokens/diffusers/{c.index:05d}.safetensors", c.index, dp.stat().st_size,
                                          sha256_file(dp), format="diffusers"))
     skipped = index.skipped + [x for rec in records for x in rec["skipped"]]
+    prompts = prompts_entries(recipe, plan, out)
     retries = sum(rec.get("retries", 0) for rec in records)
     record = Manifest(
         name=recipe.name,
@@ -81,6 +98,7 @@ def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str,
         shards=[ShardEntry(rec["path"], rec["split"], rec["origin"], rec["num_samples"], rec.get("num_bytes"),
                            rec.get("sha256"), rec.get("pixel_setup")) for rec in records],
         tokens=tokens,
+        prompts=prompts,
         skipped=len(skipped),
         sample_keys=list(sample_schema.METADATA_KEYS),
     )

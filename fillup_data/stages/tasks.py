@@ -1,7 +1,8 @@
 """The tasks of one build, and the runner a worker uses to do them.
 
-Task ids: ``real/<shard>``, ``invert/g00003``, ``synthetic/<shard>``. Phase A holds the real shards and
-the inversion groups, phase B the synthetic shards (they need every token); index and plan run before,
+Task ids: ``real/<shard>``, ``invert/g00003``, ``prompts/g00003``, ``synthetic/<shard>``. Phase A holds the
+real shards, the inversion groups and the prompt groups, phase B the synthetic shards (they need every
+token and every class's prompts); index and plan run before,
 assemble after, each on one worker. The runner is made once per worker and keeps the loaded pipeline
 for all the tasks it is given.
 """
@@ -17,6 +18,8 @@ from fillup_data.index import SourceIndex
 from fillup_data.plan import Plan, make_plan
 from fillup_data.recipe import Recipe, parse_stored_recipe
 from fillup_data.stages.invert import group_done, inversion_groups, run_inversion_group
+from fillup_data.stages.prompts import PromptMaker, prompt_groups, run_prompts_group
+from fillup_data.stages.prompts import group_done as prompts_group_done
 from fillup_data.state import completed_shard
 
 STATE_DIR = ".fillup"
@@ -27,9 +30,10 @@ def index_path(out: Path) -> Path:
 
 
 def build_phases(recipe: Recipe, plan: Plan) -> list[list[TaskSpec]]:
-    """[phase A: real shards + inversion groups, phase B: synthetic shards] (empty phases dropped)."""
+    """[phase A: real shards + inversion groups + prompt groups, phase B: synthetic shards] (empty phases dropped)."""
     a = [TaskSpec(f"real/{s.name}") for s in plan.shards if s.origin == "real"]
     a += [TaskSpec(f"invert/g{g:05d}", uses_model=True) for g in range(len(inversion_groups(recipe, plan)))]
+    a += [TaskSpec(f"prompts/g{g:05d}", uses_model=True) for g in range(len(prompt_groups(recipe, plan)))]
     b = [TaskSpec(f"synthetic/{s.name}", uses_model=True) for s in plan.shards if s.origin == "synthetic"]
     return [p for p in (a, b) if p]
 
@@ -58,6 +62,7 @@ class BuildRunner:
         self._index: SourceIndex | None = None
         self._pipe = None
         self._generator = None
+        self._prompt_maker: PromptMaker | None = None
         if self.worker.count > 1 or self.worker.device != "cpu":  # workers sharing cores split the threads
             import torch
 
@@ -87,8 +92,14 @@ class BuildRunner:
             self._pipe = strategy_class(cfg.strategy).load_pipeline(cfg, device=self.worker.device)
         return self._pipe
 
+    def prompt_maker(self) -> PromptMaker:
+        if self._prompt_maker is None:
+            self._prompt_maker = PromptMaker(self.recipe, self.plan, device=self.worker.device)
+        return self._prompt_maker
+
     def generator(self):
         if self._generator is None:  # made after phase A, when every token file exists
+            self._prompt_maker = None  # phase A is over: its language model or captioner can go
             from fillup_data.synthesis import make_generator
 
             self._generator = make_generator(self.recipe, self.plan.classes, self.out, self.pipe(), plan=self.plan)
@@ -108,6 +119,9 @@ class BuildRunner:
         if kind == "invert":
             g = int(name[1:])
             return group_done(self.out, g, inversion_groups(self.recipe, self.plan)[g])
+        if kind == "prompts":
+            g = int(name[1:])
+            return prompts_group_done(self.out, self.recipe, g, prompt_groups(self.recipe, self.plan)[g])
         raise KeyError(f"unknown task {task_id!r}")
 
     def run(self, task_id: str) -> dict:
@@ -121,6 +135,10 @@ class BuildRunner:
             g = int(name[1:])
             return run_inversion_group(self.recipe, self.plan, self.index, self.out, g,
                                        inversion_groups(self.recipe, self.plan)[g], self.pipe, self.progress)
+        if kind == "prompts":
+            g = int(name[1:])
+            return run_prompts_group(self.recipe, self.out, g, prompt_groups(self.recipe, self.plan)[g],
+                                     self.prompt_maker, self.progress)
         if kind == "synthetic":
             return run_synthetic_shard(self.recipe, self.plan, self._shard(name), self.out, self.generator,
                                        self.progress)

@@ -35,6 +35,8 @@ REGISTRY: dict[str, str] = {
     "single_template": "templates:SingleTemplate",
     "clip_templates": "templates:ClipTemplates",
     "textual_inversion": "inversion:TextualInversion",
+    "lm_prompts": "prompted:LanguageModelPrompts",
+    "captions": "prompted:Captions",
 }
 
 
