@@ -35,6 +35,8 @@ REGISTRY: dict[str, str] = {
     "single_template": "templates:SingleTemplate",
     "clip_templates": "templates:ClipTemplates",
     "textual_inversion": "inversion:TextualInversion",
+    "image_variation": "images:ImageVariation",
+    "reimagine": "images:Reimagine",
 }
 
 
@@ -104,6 +106,11 @@ class Strategy:
 
         prompts = [encode_plain_prompt(pipe.tokenizer, c.prompt) for c in conditions]
         return Conditioning(encode_text(pipe.text_encoder, prompts, [None] * len(prompts), pipe.unet.device))
+
+    def seeded(self, pipe, conditioning: Conditioning, generators: list) -> Conditioning:
+        """The conditioning after any draw from the samples' own generators that the pipeline makes before
+        the initial latents (unCLIP noises its image embeddings so); default: none."""
+        return conditioning
 
     @classmethod
     def load_pipeline(cls, cfg, device: str):
