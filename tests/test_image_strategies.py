@@ -273,3 +273,30 @@ def test_build_records_each_samples_source_and_regenerates_exactly(builds, tmp_p
     pq.write_table(table.filter(table.column("is_synthetic")), bare / "index.parquet")
     with pytest.raises(FillupError, match="published without its real shards cannot regenerate"):
         regenerate_sample(bare, synthetic[0]["key"])
+
+
+# ---------------------------------------------------------------- plan, preview, bench
+@pytest.mark.parametrize("strategy,model", [("image_variation", VARIATION), ("reimagine", UNCLIP)])
+def test_plan_preview_and_bench_run_for_the_image_strategies(strategy, model, tmp_path, capsys, fillup_cache):
+    from fillup_data.cli import main
+    from fillup_data.cost import bench_rates_path, this_device_kind
+
+    args = [str(DEMO)]
+    for s in ["source.max_images=8", "fill.target=8", "source.test_per_class=0", "generator.num_inference_steps=2",
+              "generator.batch_size=2", "generator.prompt=''", f"generator.strategy={strategy}",
+              f"generator.model={model}"]:
+        args += ["--set", s]
+    assert main(["plan", *args]) == 0
+    out = capsys.readouterr().out
+    assert f"strategy {strategy}" in out and "0 inversion class-steps" in out and "run `fillup-data bench" in out
+
+    grid = tmp_path / "preview.png"
+    assert main(["preview", *args, "--classes", "9", "--n", "2", "--out", str(grid)]) == 0
+    assert Image.open(grid).size[0] > 0 and "preview of 1 class(es)" in capsys.readouterr().out
+
+    rates = bench_rates_path(load_recipe(DEMO, args[2::2]), this_device_kind())
+    try:
+        assert main(["bench", "--quick", *args, "--device", "cpu"]) == 0
+        assert "generation (eager, batch 2)" in capsys.readouterr().out and rates.is_file()
+    finally:
+        rates.unlink(missing_ok=True)
