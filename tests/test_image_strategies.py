@@ -164,6 +164,29 @@ def test_a_sample_alone_equals_it_in_a_mixed_micro_batch(unclip_pipe):
     assert np.array_equal(np.asarray(alone.image), np.asarray(batch[2].image))
 
 
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_memory_probe_runs_the_image_conditioned_shapes(variation_pipe, unclip_pipe, guidance):
+    """``generator.batch_size: auto`` probes one step + decode on CUDA; the probe must feed each pipeline's
+    UNet what it takes (one image-embedding token; unCLIP's class labels) -- run here on CPU."""
+    from fillup_data.generation.sampler import DenoisingSampler
+
+    for pipe in (variation_pipe, unclip_pipe):
+        calls = []
+        handle = pipe.unet.register_forward_hook(lambda m, a, kw, out: calls.append((kw["encoder_hidden_states"].shape,
+                                                                                    kw.get("class_labels"))),
+                                                 with_kwargs=True)
+        try:
+            DenoisingSampler(pipe).probe(2, guidance_scale=guidance, height=32, width=32)
+        finally:
+            handle.remove()
+        (shape, labels), = calls
+        rows = 4 if guidance > 1 else 2
+        assert shape[0] == rows and shape[-1] == pipe.unet.config.cross_attention_dim
+        assert shape[1] == (1 if pipe is variation_pipe else pipe.tokenizer.model_max_length)
+        assert (labels is None) == (pipe is variation_pipe)
+        assert labels is None or tuple(labels.shape) == (rows, 64)
+
+
 # ---------------------------------------------------------------- bad input
 def test_a_pipeline_of_the_wrong_class_is_refused_naming_the_model(fillup_cache):
     from fillup_data.generation.strategies import strategy_class
