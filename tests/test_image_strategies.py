@@ -237,7 +237,7 @@ def test_cli_exits_2_naming_the_field(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- builds
-SMALL = ["source.max_images=12", "fill.target=12", "source.test_per_class=0", "generator.num_inference_steps=2",
+SMALL = ["source.max_images=8", "fill.target=12", "source.test_per_class=0", "generator.num_inference_steps=2",
          "generator.batch_size=8", "shards.max_samples=40", "generator.prompt=''"]
 KINDS = {
     # the paper's guidance for each; reimagine's real shards are jpg: the sources must be the stored pixels
@@ -281,6 +281,7 @@ def test_build_records_each_samples_source_and_regenerates_exactly(builds, tmp_p
     for label, counts in used.items():  # each source of a class used evenly
         n = sum(counts.values())
         assert len(counts) == min(n, len(real[label])) and max(counts.values()) - min(counts.values()) <= 1
+    assert any(max(c.values()) > 1 for c in used.values())  # some class has more samples than sources
     assert _digests(a) == _digests(b)
     assert (a / "index.parquet").read_bytes() == (b / "index.parquet").read_bytes()
     for r in (synthetic[0], synthetic[-1]):
