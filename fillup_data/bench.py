@@ -10,7 +10,7 @@ and measures, in a couple of minutes:
   from the step callbacks after two warm-up steps, on random images of the inversion resolution.
 
 Generation runs with ``single_template`` prompts: a learned token costs the same text-encoder pass, and
-the bench then needs no token files. The rates are written to ``$FILLUP_CACHE/rates/`` keyed by model
+the bench then needs no token files; the image-to-image strategies run as they are, on random source images. The rates are written to ``$FILLUP_CACHE/rates/`` keyed by model
 and device kind, in the shipped rates' schema, so ``plan`` scales them to a recipe the same way.
 """
 
@@ -45,10 +45,24 @@ class BenchResult:
                                        "on this kind of device)"])
 
 
-def _generator_for(pipe, cfg, names):
+def _generator_for(pipe, cfg, names, context=None):
     from fillup_data.generation import SyntheticGenerator
 
-    return SyntheticGenerator(pipe, cfg, names)  # resolves batch_size auto itself
+    return SyntheticGenerator(pipe, cfg, names, context=context)  # resolves batch_size auto itself
+
+
+def _random_sources(resolution: int):
+    """For strategies that vary real images: one random image per bench class (a photo costs the image
+    encoder the same; it runs once per source and worker, as in a build)."""
+    import numpy as np
+    from PIL import Image
+
+    from fillup_data.generation.strategies import StrategyContext
+
+    rng = np.random.default_rng(0)
+    images = {f"bench-{c}": Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8))
+              for c in range(BENCH_CLASSES)}
+    return StrategyContext(real_keys=[[f"bench-{c}"] for c in range(BENCH_CLASSES)], load_real=images.__getitem__)
 
 
 def _timed_batch(gen, specs, steps: int) -> float:
@@ -63,9 +77,15 @@ def measure_generation(pipe, recipe: Recipe, rounds: int) -> dict:
     from fillup_data.generation import SampleSpec
 
     names = [f"bench class {i}" for i in range(BENCH_CLASSES)]
-    cfg = recipe.generator.model_copy(update={"strategy": "single_template", "prompt": "a photo of a {class_name}",
-                                              "max_retries": 0})
-    gen = _generator_for(pipe, cfg, names)
+    from fillup_data.generation.strategies import strategy_class
+
+    if strategy_class(recipe.generator.strategy).uses_real_images:  # the recipe's own strategy, on random sources
+        cfg = recipe.generator.model_copy(update={"max_retries": 0})
+        gen = _generator_for(pipe, cfg, names, _random_sources(cfg.resolution))
+    else:
+        cfg = recipe.generator.model_copy(update={"strategy": "single_template",
+                                                  "prompt": "a photo of a {class_name}", "max_retries": 0})
+        gen = _generator_for(pipe, cfg, names)
     batch = int(getattr(gen, "batch_size", None) or gen.cfg.batch_size)
     compiled = bool(getattr(gen, "compiled", False))
     specs = [SampleSpec(i % BENCH_CLASSES, 1000 + i) for i in range(batch)]
@@ -132,14 +152,15 @@ def run_bench(recipe: Recipe, device: str | None = None, quick: bool = True) -> 
     import torch
 
     from fillup_data.fastpath import configure_compile_cache, device_description
-    from fillup_data.models import default_device, load_pipeline_for
+    from fillup_data.generation.strategies import strategy_class
+    from fillup_data.models import default_device
 
     if recipe.generator.strategy == "none":
         raise FillupError("generator.strategy is none: a build of this recipe uses no model, there is nothing to bench")
     device = device or default_device()
     configure_compile_cache()
     t0 = time.perf_counter()
-    pipe = load_pipeline_for(recipe.generator, device=device)
+    pipe = strategy_class(recipe.generator.strategy).load_pipeline(recipe.generator, device=device)
     load_s = time.perf_counter() - t0
     kind = device_description(device)
     rounds, timed_steps = (2, 4) if quick else (5, 12)

@@ -127,7 +127,16 @@ PROMPT_NEEDS = {"textual_inversion": ("{token}",), "single_template": ("{token}"
 
 # generator.strategy values (fillup_data.generation.strategies.REGISTRY holds their classes)
 StrategyName = Literal["none", "single_template", "clip_templates", "textual_inversion",
-                       "lm_prompts", "captions"]
+                       "lm_prompts", "captions", "image_variation", "reimagine"]
+
+# image-to-image strategies (paper 3.1, B.2): what a generator section that leaves a field out gets
+# instead of the text-to-image defaults (the paper's model, guidance and resolution; no prompt)
+IMAGE_STRATEGY_DEFAULTS = {
+    "image_variation": {"model": "lambdalabs/sd-image-variations-diffusers", "guidance_scale": 3.0, "prompt": "",
+                        "resolution": 512},
+    "reimagine": {"model": "stabilityai/stable-diffusion-2-1-unclip", "guidance_scale": 10.0, "prompt": "",
+                  "resolution": 768},
+}
 
 
 def _auto_or_positive(v):
@@ -219,6 +228,36 @@ class GeneratorConfig(_Strict):
     language_model: LanguageModelConfig | None = None
     # captions: the image-to-text model that captions the real images (required by, and only for, captions)
     captioner: CaptionerConfig | None = None
+    # reimagine: noise added to the CLIP image embedding (unCLIP's noise_level, 0..999; paper: 0)
+    noise_level: int = Field(0, ge=0, le=999)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_strategy_defaults(cls, data):
+        if isinstance(data, dict) and data.get("strategy") in IMAGE_STRATEGY_DEFAULTS:
+            data = {**IMAGE_STRATEGY_DEFAULTS[data["strategy"]], **data}
+        return data
+
+    @field_validator("noise_level")
+    @classmethod
+    def _noise_level_is_reimagines(cls, noise_level: int, info: ValidationInfo) -> int:
+        strategy = info.data.get("strategy")
+        if noise_level and strategy != "reimagine":
+            raise ValueError(f"only used by strategy reimagine, not {strategy!r} (leave it out)")
+        return noise_level
+
+    @field_validator("prompt")
+    @classmethod
+    def _image_strategy_prompt(cls, prompt: str, info: ValidationInfo) -> str:
+        strategy = info.data.get("strategy")
+        if strategy == "image_variation" and prompt:
+            raise ValueError("strategy image_variation is conditioned on the source image alone and takes no "
+                             "prompt; leave it out or set it to ''")
+        if strategy == "reimagine" and "{token}" in prompt:
+            raise ValueError("strategy reimagine has no learned token; use {class_name}, a fixed text, or '' "
+                             "(the paper's: no prompt)")
+        return prompt
+
 
     @model_validator(mode="after")
     def _checks(self) -> "GeneratorConfig":

@@ -133,6 +133,7 @@ class SyntheticGenerator:
         cond = self.conditioning(specs, conditions)
         dtype = self.pipe.unet.dtype
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        cond = self.strategy.seeded(self.pipe, cond, generators)  # e.g. unCLIP's embedding noise, before latents
         res = self.cfg.resolution
         # guidance_scale 1.0: diffusers runs classifier-free guidance only when guidance_scale > 1,
         # so there is one UNet pass per step and no unconditional branch (paper: scale 1.0)

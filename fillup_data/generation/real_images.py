@@ -18,6 +18,9 @@ from fillup_data.generation.strategies import StrategyContext
 
 def from_source(recipe, plan, out: Path | None = None, token_files=None) -> StrategyContext:
     """Keys and loader from the build's source (plan's real training samples, in key order per class)."""
+    from PIL import Image
+
+    from fillup_data.shards.writer import encode_image
     from fillup_data.sources import ImageLoadError, open_source
 
     items = {}
@@ -36,10 +39,13 @@ def from_source(recipe, plan, out: Path | None = None, token_files=None) -> Stra
             raise FillupError(f"no real training sample {key!r} in the plan")
         source = source or open_source(recipe)
         try:
-            return source.load(items[key])
+            image = source.load(items[key])
         except ImageLoadError as err:
             raise FillupError(f"{items[key].where}: the real image {key} no longer loads ({err.reason}: {err.detail}); "
                               "it is a source image of this strategy, restore it or rebuild the index") from None
+        # as the real shard stores it (re-encoded: jpg, resize_short_side), so that a sample regenerated from
+        # the build's real shards (``from_build``) is conditioned on the very same pixels
+        return Image.open(io.BytesIO(encode_image(image, recipe.shards))).convert("RGB")
 
     return StrategyContext(out=out, token_files=dict(token_files or {}), real_keys=keys, load_real=load)
 

@@ -1,5 +1,8 @@
 """Our denoising loop: what ``StableDiffusionPipeline.__call__`` (diffusers 0.42) computes for the
-generator's arguments, minus what costs time on a GPU.
+generator's arguments, minus what costs time on a GPU.  The same loop is what
+``StableDiffusionImageVariationPipeline`` (image embeddings as ``encoder_hidden_states``, zeros as the
+unconditional half) and ``StableUnCLIPImg2ImgPipeline`` (noised image embeddings as ``class_labels``, no
+safety checker) compute: tested bit-identical to both calls as well.
 
 Mirrored from the pipeline, step for step, so the pixels are bit-identical to
 ``pipe(prompt_embeds=..., generator=[...], output_type="np")`` on the same device (tested on CPU for
@@ -90,8 +93,14 @@ class DenoisingSampler:
         return self.pipe.vae.decode(latents, return_dict=False)[0]  # looked up per call: tests patch it
 
     def _embeds_dtype(self) -> torch.dtype:
+        """The conditioning's (and so the latents') dtype, as the pipeline picks it: the text encoder's; for the
+        image-variation pipeline, which has none, the image encoder's."""
         pipe = self.pipe
-        return pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.unet.dtype
+        if getattr(pipe, "text_encoder", None) is not None:
+            return pipe.text_encoder.dtype
+        if getattr(pipe, "image_encoder", None) is not None:
+            return next(pipe.image_encoder.parameters()).dtype
+        return pipe.unet.dtype
 
     def uses_guidance(self, guidance_scale: float) -> bool:
         return guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
@@ -184,7 +193,9 @@ class DenoisingSampler:
         image = self._decode(latents / pipe.vae.config.scaling_factor)
         # as the pipeline: a no-op without a checker; with one, flagged rows come back black and
         # are not denormalized (so they stay black and count as bad images)
-        image, nsfw = pipe.run_safety_checker(image, self.device, self._embeds_dtype())
+        # (the unCLIP img2img pipeline has no checker at all)
+        checker = getattr(pipe, "run_safety_checker", None)
+        image, nsfw = checker(image, self.device, self._embeds_dtype()) if checker else (image, None)
         return finish_images(image, None if nsfw is None else [not flagged for flagged in nsfw])
 
     def images(self, prompt_embeds: torch.Tensor, generators: list[torch.Generator], **kwargs) -> FinishedBatch:
@@ -198,13 +209,19 @@ class DenoisingSampler:
         every probed shape)."""
         pipe = self.pipe
         dtype = self._embeds_dtype()
-        seq = pipe.tokenizer.model_max_length
-        embeds = torch.zeros(rows, seq, pipe.text_encoder.config.hidden_size, dtype=dtype, device=self.device)
-        if self.uses_guidance(guidance_scale):
-            embeds = torch.cat([embeds, embeds])
+        config = pipe.unet.config
+        # text: [rows, 77, dim]; image variation: one CLIP image embedding [rows, 1, dim]
+        tokenizer = getattr(pipe, "tokenizer", None)
+        seq = tokenizer.model_max_length if tokenizer is not None else 1
+        passes = 2 if self.uses_guidance(guidance_scale) else 1
+        embeds = torch.zeros(passes * rows, seq, config.cross_attention_dim, dtype=dtype, device=self.device)
+        kwargs = {}
+        if config.class_embed_type is not None and config.projection_class_embeddings_input_dim:  # unCLIP
+            kwargs["class_labels"] = torch.zeros(passes * rows, config.projection_class_embeddings_input_dim,
+                                                 dtype=dtype, device=self.device)
         latents = torch.randn(self._latent_shape(embeds.shape[0], height, width), dtype=dtype, device=self.device)
         t = torch.tensor(pipe.scheduler.config.num_train_timesteps - 1, device=self.device)
-        noise = pipe.unet(latents, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        noise = pipe.unet(latents, t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
         self._eager_decode(noise[:rows] / pipe.vae.config.scaling_factor)
 
 

@@ -21,8 +21,12 @@ import torch
 
 from fillup_data.errors import FillupError
 
-CONFIG_SETS = ("tiny", "sd15")
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "init")
+CONFIG_SETS = ("tiny", "sd15", "tiny_image_variation", "tiny_unclip")
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "init", "image_encoder", "feature_extractor",
+              "image_normalizer", "image_noising_scheduler")
+# config set -> the diffusers pipeline class it builds (the image-to-image strategies' tiny models)
+IMAGE_PIPELINE_SETS = {"tiny_image_variation": "StableDiffusionImageVariationPipeline",
+                       "tiny_unclip": "StableUnCLIPImg2ImgPipeline"}
 # Bump when the code that builds a random pipeline changes in a way the shipped configs do not show
 # (initialisation, tokenizer construction): cached built-in models made by older code are rebuilt.
 BUILDER_VERSION = 2
@@ -37,7 +41,7 @@ def load_component_config(config_set: str, component: str) -> dict[str, Any]:
     if component not in COMPONENTS:
         raise FillupError(f"unknown model component {component!r}; available: {', '.join(COMPONENTS)}")
     text = resources.files("fillup_data.models").joinpath("configs", f"{config_set}_{component}.json").read_text()
-    return json.loads(text)
+    return {k: v for k, v in json.loads(text).items() if k != "_comment"}
 
 
 def _merges_for(word: str) -> list[tuple[str, str]]:
@@ -129,6 +133,8 @@ def build_random_pipeline(config_set: str = "sd15", path: str | os.PathLike | No
     """
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
+    if config_set in IMAGE_PIPELINE_SETS:
+        return _build_image_pipeline(config_set, path, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet, vae, text_encoder = _build_modules(config_set)
@@ -145,6 +151,49 @@ def build_random_pipeline(config_set: str = "sd15", path: str | os.PathLike | No
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if path is not None:
+        pipe.save_pretrained(str(path), safe_serialization=True)
+    return pipe
+
+
+def _build_image_pipeline(config_set: str, path, seed: int):
+    """The tiny StableDiffusionImageVariationPipeline / StableUnCLIPImg2ImgPipeline (the configs of
+    diffusers' own fast tests of those pipelines, shrunk), random weights from ``seed``."""
+    import diffusers
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    def cfg(component):
+        return load_component_config(config_set, component)
+
+    def scheduler(component):
+        c = cfg(component)
+        return getattr(diffusers, c["_class_name"]).from_config(c)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DConditionModel.from_config(cfg("unet"))
+        vae = diffusers.AutoencoderKL.from_config(cfg("vae"))
+        vision = {k: v for k, v in cfg("image_encoder").items() if k != "architectures"}
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)).eval()
+        if config_set == "tiny_unclip":
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            text = {k: v for k, v in cfg("text_encoder").items() if k != "architectures"}
+            text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+    feature_extractor = CLIPImageProcessor(**cfg("feature_extractor"))
+    if config_set == "tiny_image_variation":
+        pipe = diffusers.StableDiffusionImageVariationPipeline(
+            vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler("scheduler"), safety_checker=None,
+            feature_extractor=feature_extractor, requires_safety_checker=False)
+    else:
+        from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+
+        pipe = diffusers.StableUnCLIPImg2ImgPipeline(
+            feature_extractor=feature_extractor, image_encoder=image_encoder,
+            image_normalizer=StableUnCLIPImageNormalizer(**cfg("image_normalizer")),
+            image_noising_scheduler=scheduler("image_noising_scheduler"),
+            tokenizer=build_clip_tokenizer(cfg("tokenizer")), text_encoder=text_encoder, unet=unet,
+            scheduler=scheduler("scheduler"), vae=vae)
     if path is not None:
         pipe.save_pretrained(str(path), safe_serialization=True)
     return pipe

@@ -1,12 +1,16 @@
 """Loading a Stable-Diffusion-family pipeline the way a user with network access would.
 
-Every model, the built-in tiny one included, goes through
-``StableDiffusionPipeline.from_pretrained(path_or_id, revision=..., torch_dtype=...)``: the
-built-in alias only resolves to a local folder first.
+Every model, the built-in tiny ones included, goes through
+``<PipelineClass>.from_pretrained(path_or_id, revision=..., torch_dtype=...)``: the built-in alias only
+resolves to a local folder first.  The class is the strategy's (text-to-image
+``StableDiffusionPipeline``; ``StableDiffusionImageVariationPipeline`` and ``StableUnCLIPImg2ImgPipeline``
+for the image-to-image strategies), checked first against the ``_class_name`` of the model's
+``model_index.json``, so a model of the wrong kind is refused by name instead of half-loading.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -20,7 +24,12 @@ from fillup_data.models.architectures import builtin_folder_is_intact, save_rand
 BUILTIN_MODELS = {
     "builtin:tiny-sd": ("tiny", 0, "tiny-sd-v1"),
     "builtin:sd15-random": ("sd15", 0, "sd15-random-v1"),
+    "builtin:tiny-sd-image-variation": ("tiny_image_variation", 0, "tiny-sd-image-variation-v1"),
+    "builtin:tiny-sd-unclip": ("tiny_unclip", 0, "tiny-sd-unclip-v1"),
 }
+TEXT_TO_IMAGE = "StableDiffusionPipeline"
+# pipeline classes that have no text-to-image path: a text strategy refuses them
+IMAGE_CONDITIONED = ("StableDiffusionImageVariationPipeline", "StableUnCLIPImg2ImgPipeline")
 SCHEDULERS = ("ddim", "dpmpp_2m", "euler")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -88,6 +97,37 @@ def _dtype_kwarg(torch_dtype: torch.dtype) -> dict:
     return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": torch_dtype}
 
 
+def _load_error(model: str, revision: str | None, err: Exception) -> FillupError:
+    offline = " (HF_HUB_OFFLINE is set: only cached models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return FillupError(
+        f"generator.model: cannot load {model!r} (revision {revision or 'default'}){offline}: {err}. "
+        "Give a hub id of a Stable-Diffusion-family diffusers pipeline, a local folder in the "
+        "save_pretrained layout, or builtin:tiny-sd for the offline demo model."
+    )
+
+
+def pipeline_class_name(model: str, path: str, revision: str | None) -> str:
+    """``_class_name`` of the model's ``model_index.json`` (folder or hub id)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(path, revision=revision)
+    except (OSError, ValueError) as err:
+        raise _load_error(model, revision, err) from err
+    return str(config.get("_class_name", ""))
+
+
+def check_pipeline_class(model: str, found: str, wanted: str, strategy: str | None) -> None:
+    """Refuse a pipeline that cannot run ``strategy`` (clear error naming generator.model)."""
+    bad = found != wanted if wanted != TEXT_TO_IMAGE else found in IMAGE_CONDITIONED
+    if bad:
+        needs = f"generator.strategy {strategy}" if strategy else "this use"
+        raise FillupError(
+            f"generator.model: {model!r} is a {found or 'pipeline without a _class_name'}, but {needs} needs a "
+            f"{wanted}; give a model of that kind (or change generator.strategy)"
+        )
+
+
 def load_pipeline(
     model: str,
     revision: str | None = None,
@@ -95,28 +135,30 @@ def load_pipeline(
     device: str | None = None,
     scheduler: str = "ddim",
     safety_checker: bool = False,
+    pipeline_class: str = TEXT_TO_IMAGE,
+    strategy: str | None = None,
 ):
-    """Load a diffusers StableDiffusionPipeline by hub id, local folder or ``builtin:*`` alias.
+    """Load a diffusers pipeline of ``pipeline_class`` by hub id, local folder or ``builtin:*`` alias.
 
     The safety checker is off unless asked for: its false positives replace images with black
     ones, which in a training set is label noise (the generator also detects black images).
     The DDIM ``eta`` is a sampling argument, passed at generation time, not here.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model(model)
-    kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    check_pipeline_class(model, pipeline_class_name(model, path, revision), pipeline_class, strategy)
+    cls = getattr(diffusers, pipeline_class)
+    has_checker = "safety_checker" in inspect.signature(cls.__init__).parameters
+    if safety_checker and not has_checker:
+        raise FillupError(f"generator.safety_checker: true, but a {pipeline_class} has no safety checker; set it to false")
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if has_checker and not safety_checker else {}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, revision=revision, **_dtype_kwarg(torch_dtype), **kwargs)
+        pipe = cls.from_pretrained(path, revision=revision, **_dtype_kwarg(torch_dtype), **kwargs)
     except (OSError, ValueError) as err:
-        offline = " (HF_HUB_OFFLINE is set: only cached models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise FillupError(
-            f"generator.model: cannot load {model!r} (revision {revision or 'default'}){offline}: {err}. "
-            "Give a hub id of a Stable-Diffusion-family diffusers pipeline, a local folder in the "
-            "save_pretrained layout, or builtin:tiny-sd for the offline demo model."
-        ) from err
+        raise _load_error(model, revision, err) from err
     if safety_checker and getattr(pipe, "safety_checker", None) is None:
         raise FillupError(
             f"generator.safety_checker: true, but {model!r} ships no safety checker; set it to false"
@@ -127,7 +169,7 @@ def load_pipeline(
     return pipe
 
 
-def load_pipeline_for(cfg, device: str | None = None):
+def load_pipeline_for(cfg, device: str | None = None, pipeline_class: str = TEXT_TO_IMAGE):
     """``load_pipeline`` from a recipe's ``GeneratorConfig``."""
     return load_pipeline(
         cfg.model,
@@ -136,4 +178,6 @@ def load_pipeline_for(cfg, device: str | None = None):
         device=device,
         scheduler=cfg.scheduler,
         safety_checker=cfg.safety_checker,
+        pipeline_class=pipeline_class,
+        strategy=cfg.strategy,
     )

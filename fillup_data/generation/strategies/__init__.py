@@ -37,6 +37,8 @@ REGISTRY: dict[str, str] = {
     "textual_inversion": "inversion:TextualInversion",
     "lm_prompts": "prompted:LanguageModelPrompts",
     "captions": "prompted:Captions",
+    "image_variation": "images:ImageVariation",
+    "reimagine": "images:Reimagine",
 }
 
 
@@ -106,6 +108,11 @@ class Strategy:
 
         prompts = [encode_plain_prompt(pipe.tokenizer, c.prompt) for c in conditions]
         return Conditioning(encode_text(pipe.text_encoder, prompts, [None] * len(prompts), pipe.unet.device))
+
+    def seeded(self, pipe, conditioning: Conditioning, generators: list) -> Conditioning:
+        """The conditioning after any draw from the samples' own generators that the pipeline makes before
+        the initial latents (unCLIP noises its image embeddings so); default: none."""
+        return conditioning
 
     @classmethod
     def load_pipeline(cls, cfg, device: str):
