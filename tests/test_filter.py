@@ -21,7 +21,7 @@ import torch
 from fillup_data.errors import FillupError
 from fillup_data.loader import SampleFilter, ShardStream, TrainingData, eval_transform, make_loader
 
-from tests.test_loader import hub  # noqa: F401  (the loopback Hub fixture)
+from tests.test_loader import hub  # noqa: F401  (the loopback Hub fixture, used by name)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TRAIN = ROOT / "recipes" / "train" / "demo.yaml"
@@ -101,6 +101,11 @@ def expected_synthetic(build: Path, f: dict) -> set[str]:
         df = (df.sort_values(["clip_score", "key"], ascending=[False, True], na_position="last")
               .groupby("label").head(f["top_k_per_class"]))
     return set(df.key)
+
+
+def _replace_column(build: Path, table: pa.Table, name: str, values: pa.Array) -> None:
+    pq.write_table(table.set_column(table.column_names.index(name), name, values.cast(pa.float64())),
+                   build / "index.parquet")
 
 
 def _tf():
@@ -197,11 +202,26 @@ def test_ranks_share_the_one_shard_a_filter_leaves(scored, tmp_path):
     table = pq.read_table(build / "index.parquet")
     shard = next(s for s, syn in zip(table["shard"].to_pylist(), table["is_synthetic"].to_pylist()) if syn)
     clip = pa.array([0.9 if s == shard else 0.1 for s in table["shard"].to_pylist()], pa.float64())
-    pq.write_table(table.set_column(table.column_names.index("clip_score"), "clip_score", clip), build / "index.parquet")
+    _replace_column(build, table, "clip_score", clip)
     [n] = _ranks_take_equal_steps(build, {"min_clip_score": 0.5})
     data = TrainingData.open(build, sample_filter=SampleFilter(min_clip_score=0.5))
     parts = [s._rank_parts(0) for s in _rank_streams(data, 2, 2)]
     assert [(p[0].stride, p[0].offset, p[0].num_samples) for p in parts] == [(2, 0, n - n // 2), (2, 1, n // 2)]
+
+
+def test_a_null_score_counts_as_missing(scored, tmp_path):
+    """A writer that stores a missing score as null rather than NaN: it never passes, and nothing crashes."""
+    build = tmp_path / "nulls"
+    shutil.copytree(scored, build)
+    table = pq.read_table(build / "index.parquet")
+    syn = [k for k, s in zip(table["key"].to_pylist(), table["is_synthetic"].to_pylist()) if s]
+    clip = table["clip_score"].to_pylist()
+    keys = table["key"].to_pylist()
+    _replace_column(build, table, "clip_score", pa.array([None if k == syn[0] else v for k, v in zip(keys, clip)],
+                                                         pa.float64()))
+    nan = {k for k, v in zip(keys, clip) if v != v}  # the fixture's NaN one
+    selection = TrainingData.open(build, sample_filter=SampleFilter(min_clip_score=0.0)).selection
+    assert set().union(*selection.kept.values()) == set(syn) - {syn[0]} - nan and len(nan) == 1
 
 
 def test_the_kept_set_is_a_pure_function_of_the_index(scored, tmp_path):
@@ -214,7 +234,7 @@ def test_the_kept_set_is_a_pure_function_of_the_index(scored, tmp_path):
     assert set().union(*a.kept.values()) == expected_synthetic(scored, f.model_dump())
 
 
-def test_a_hub_build_is_filtered_from_its_published_index(scored, hub, tmp_path):  # noqa: F811
+def test_a_hub_build_is_filtered_from_its_published_index(scored, hub, tmp_path):  # noqa: F811 (the fixture)
     hub(scored, "org/scored", "v1")
     f = SampleFilter(max_real_similarity=0.8)
     remote = TrainingData.open("org/scored@v1", cache_dir=str(tmp_path / "cache"), sample_filter=f)
@@ -225,7 +245,8 @@ def test_a_hub_build_is_filtered_from_its_published_index(scored, hub, tmp_path)
 
 # --------------------------------------------------------------------------- errors
 def test_a_filter_on_an_unscored_build_says_to_score_it(unscored):
-    with pytest.raises(FillupError, match=r"index\.parquet has no column clip_score: run `fillup-data score OUT` first"):
+    message = r"index\.parquet has no column clip_score: run `fillup-data score OUT` first"
+    with pytest.raises(FillupError, match=message):
         TrainingData.open(unscored, sample_filter=SampleFilter(min_clip_score=0.2))
     TrainingData.open(unscored, sample_filter=SampleFilter())  # no filter: no score needed
 
@@ -304,9 +325,7 @@ def test_a_run_records_its_filter_and_what_it_kept(scored, tmp_path, capsys):
     shutil.copytree(scored, rescored)
     shutil.copytree(run, run2)
     table = pq.read_table(rescored / "index.parquet")
-    reversed_clip = pa.array([0.5 - v for v in table["clip_score"].to_pylist()], pa.float64())
-    pq.write_table(table.set_column(table.column_names.index("clip_score"), "clip_score", reversed_clip),
-                   rescored / "index.parquet")
+    _replace_column(rescored, table, "clip_score", pa.array([0.5 - v for v in table["clip_score"].to_pylist()]))
     capsys.readouterr()
     assert _train(rescored, run2, *args) == 2
     assert "is not the one this run's score filter read" in capsys.readouterr().err
@@ -332,4 +351,5 @@ def test_filter_errors_at_the_command_line(unscored, tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "r").exists()
     assert _cli("train", "--data", unscored, "--config", DEMO_TRAIN, "--stage", "2", "--init", tmp_path,
                 "--out", tmp_path / "r2", "--top-k-per-class", "5") == 2
-    assert "stage2: filter: it keeps or drops synthetic samples, and this stage's data is real" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stage2: filter: it keeps or drops synthetic samples, and this stage's data is real" in err

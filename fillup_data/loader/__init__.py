@@ -40,7 +40,7 @@ from fillup_data.schema.groups import group_of
 from fillup_data.train.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SPLITS", "SUBSETS", "Build", "ReadPart", "SampleFilter", "ShardRef",
-    "ShardStream", "StreamLoader", "TrainingData", "eval_transform", "group_of", "make_loader", "open_shard",
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SPLITS", "SUBSETS", "Build", "ReadPart", "SampleFilter",
+    "ShardRef", "ShardStream", "StreamLoader", "TrainingData", "eval_transform", "group_of", "make_loader", "open_shard",
     "train_transform",
 ]

@@ -142,7 +142,7 @@ def select_synthetic(rows: dict[str, list], sample_filter: SampleFilter) -> tupl
 
         def rank(i: int) -> tuple:
             s = rows[CLIP_SCORE][i]
-            nan = s is None or math.isnan(s)
+            nan = math.isnan(s)
             return (nan, 0.0 if nan else -s, rows["key"][i])  # best first, NaN last, ties by key
 
         survivors = sorted(i for ids in by_class.values() for i in sorted(ids, key=rank)[: f.top_k_per_class])
@@ -187,10 +187,10 @@ def read_synthetic_scores(path: Path, where: str, columns: list[str]) -> dict[st
             raise FillupError(f"{where} has no column {col}: run `fillup-data score OUT` first")
     table = pq.read_table(path, columns=base + columns)
     table = table.filter(pc.and_(table["is_synthetic"], pc.equal(table["split"], "train")))
-    rows = {c: table[c].to_pylist() for c in ["key", "shard", "label", *columns]}
+    rows = {c: table[c].to_pylist() for c in ["key", "shard", "label"]}
     for col in columns:
-        values = rows[col]
-        if values and all(v is None or math.isnan(v) for v in values):
+        values = rows[col] = [math.nan if v is None else float(v) for v in table[col].to_pylist()]  # null: not scored
+        if values and all(math.isnan(v) for v in values):
             hint = (" (the build was scored without a classifier): score it with one, or drop "
                     "min_class_confidence" if col == CLASS_CONFIDENCE else ": run `fillup-data score OUT` again")
             raise FillupError(f"{where}: column {col} is NaN for every synthetic sample{hint}")
