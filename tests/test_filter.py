@@ -172,17 +172,17 @@ def _rank_streams(data, batch_size, world):
             for r in range(world)]
 
 
-def _ranks_take_equal_steps(build: Path, f: dict) -> list[int]:
+def _ranks_take_equal_steps(build: Path, f: dict, batch_size: int = 2) -> list[int]:
     want = expected_synthetic(build, f)
     data = TrainingData.open(build, sample_filter=SampleFilter(**f))
-    streams = _rank_streams(data, 2, 2)
-    assert len(streams[0]) == len(streams[1]) == (len(want) // 2) // 2 > 0
+    streams = _rank_streams(data, batch_size, 2)
+    assert len(streams[0]) == len(streams[1]) == (len(want) // 2) // batch_size > 0
     for epoch in range(2):
         got = []
         for s in streams:
             s.set_epoch(epoch)
             batches = list(s)
-            assert len(batches) == len(s) and all(len(k) == 2 for _, _, k in batches)
+            assert len(batches) == len(s) and all(len(k) == batch_size for _, _, k in batches)
             got.append([k for _, _, ks in batches for k in ks])
         assert not set(got[0]) & set(got[1]) and set(got[0]) | set(got[1]) <= want
     return [s.num_kept for s in data.shards("synthetic", "train")]
@@ -200,13 +200,14 @@ def test_ranks_share_the_one_shard_a_filter_leaves(scored, tmp_path):
     build = tmp_path / "one"
     shutil.copytree(scored, build)
     table = pq.read_table(build / "index.parquet")
-    shard = next(s for s, syn in zip(table["shard"].to_pylist(), table["is_synthetic"].to_pylist()) if syn)
-    clip = pa.array([0.9 if s == shard else 0.1 for s in table["shard"].to_pylist()], pa.float64())
-    _replace_column(build, table, "clip_score", clip)
-    [n] = _ranks_take_equal_steps(build, {"min_clip_score": 0.5})
+    rows = list(zip(table["key"].to_pylist(), table["shard"].to_pylist(), table["is_synthetic"].to_pylist()))
+    shard = next(s for _, s, syn in rows if syn)
+    kept = [k for k, s, syn in rows if syn and s == shard][:3]  # 3 of the shard's 7 samples
+    _replace_column(build, table, "clip_score", pa.array([0.9 if k in kept else 0.1 for k, _, _ in rows]))
+    assert _ranks_take_equal_steps(build, {"min_clip_score": 0.5}, batch_size=1) == [3]
     data = TrainingData.open(build, sample_filter=SampleFilter(min_clip_score=0.5))
-    parts = [s._rank_parts(0) for s in _rank_streams(data, 2, 2)]
-    assert [(p[0].stride, p[0].offset, p[0].num_samples) for p in parts] == [(2, 0, n - n // 2), (2, 1, n // 2)]
+    parts = [s._rank_parts(0) for s in _rank_streams(data, 1, 2)]
+    assert [(p[0].stride, p[0].offset, p[0].num_samples) for p in parts] == [(2, 0, 2), (2, 1, 1)]
 
 
 def test_a_null_score_counts_as_missing(scored, tmp_path):
