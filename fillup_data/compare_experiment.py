@@ -61,7 +61,8 @@ def format_result(result: dict) -> str:
              "Synthetic-image fidelity (world classifier, shape and colour both right; chance 0.016):", "",
              "| build | both right |", "|---|---:|"]
     lines += [f"| {name} | {v:.3f} |" for name, v in result["fidelity"].items()]
-    lines += ["", f"Wall time {result['minutes']:.1f} min."]
+    steps_line = ", ".join(f"{k} {v:.1f}" for k, v in result.get("minutes_by_step", {}).items())
+    lines += ["", f"Wall time {result['minutes']:.1f} min (by step, minutes: {steps_line})."]
     return "\n".join(lines)
 
 
