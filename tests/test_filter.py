@@ -94,7 +94,7 @@ def expected_synthetic(build: Path, f: dict) -> set[str]:
     if f.get("min_clip_score") is not None:
         df = df[df.clip_score >= f["min_clip_score"]]
     if f.get("max_real_similarity") is not None:
-        df = df[df.real_similarity <= f["max_real_similarity"]]
+        df = df[~(df.real_similarity > f["max_real_similarity"])]  # NaN: no real image to copy, kept
     if f.get("min_class_confidence") is not None:
         df = df[df.class_confidence >= f["min_class_confidence"]]
     if f.get("top_k_per_class") is not None:
@@ -223,6 +223,20 @@ def test_a_null_score_counts_as_missing(scored, tmp_path):
     nan = {k for k, v in zip(keys, clip) if v != v}  # the fixture's NaN one
     selection = TrainingData.open(build, sample_filter=SampleFilter(min_clip_score=0.0)).selection
     assert set().union(*selection.kept.values()) == set(syn) - {syn[0]} - nan and len(nan) == 1
+
+
+def test_an_unknown_real_similarity_is_no_near_copy(scored, tmp_path):
+    """`score` writes NaN real_similarity for a class without real training images: nothing to copy, so the
+    near-copy filter keeps its samples (an unknown clip score, by contrast, never reaches a minimum)."""
+    build = tmp_path / "nosim"
+    shutil.copytree(scored, build)
+    table = pq.read_table(build / "index.parquet")
+    keys, sims = table["key"].to_pylist(), table["real_similarity"].to_pylist()
+    target = next(k for k, v in zip(keys, sims) if v == v and v > 0.8)  # would be dropped at 0.8
+    _replace_column(build, table, "real_similarity", pa.array([NAN if k == target else v for k, v in zip(keys, sims)]))
+    selection = TrainingData.open(build, sample_filter=SampleFilter(max_real_similarity=0.8)).selection
+    kept = set().union(*selection.kept.values())
+    assert target in kept and kept == expected_synthetic(build, {"max_real_similarity": 0.8})
 
 
 def test_the_kept_set_is_a_pure_function_of_the_index(scored, tmp_path):

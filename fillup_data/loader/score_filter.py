@@ -6,8 +6,10 @@ function of ``index.parquet`` and the filter (:func:`select_synthetic`), compute
 its data; the loader still streams whole shards but yields only kept samples, and deals shards and sets
 each reader's quota with the *kept* counts, so DDP ranks still take equal steps.
 
-Real samples are always kept; a score that is NaN never passes a threshold; the top-k cut comes after
-the thresholds (the K best *surviving* samples of each class by ``clip_score``, ties broken by key).
+Real samples are always kept.  A NaN ``clip_score`` or ``class_confidence`` (unknown) never reaches a
+minimum; a NaN ``real_similarity`` (the class has no real image to copy) passes the maximum.  The top-k cut
+comes after the thresholds (the K best *surviving* samples of each class by ``clip_score``, ties broken by
+key, NaN last).
 """
 
 from __future__ import annotations
@@ -125,10 +127,11 @@ def select_synthetic(rows: dict[str, list], sample_filter: SampleFilter) -> tupl
     n = len(rows["key"])
 
     def passes(i: int) -> bool:
-        # a NaN compares False: it never passes a threshold
+        # an unknown (NaN) clip score or confidence never reaches a minimum; an unknown real similarity
+        # (`score` writes NaN when the class has no real training image) is no near-copy: it passes
         if f.min_clip_score is not None and not rows[CLIP_SCORE][i] >= f.min_clip_score:
             return False
-        if f.max_real_similarity is not None and not rows[REAL_SIMILARITY][i] <= f.max_real_similarity:
+        if f.max_real_similarity is not None and rows[REAL_SIMILARITY][i] > f.max_real_similarity:
             return False
         if f.min_class_confidence is not None and not rows[CLASS_CONFIDENCE][i] >= f.min_class_confidence:
             return False
