@@ -41,6 +41,6 @@ from fillup_data.train.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transfor
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SPLITS", "SUBSETS", "Build", "ReadPart", "SampleFilter",
-    "ShardRef", "ShardStream", "StreamLoader", "TrainingData", "eval_transform", "group_of", "make_loader", "open_shard",
-    "train_transform",
+    "ShardRef", "ShardStream", "StreamLoader", "TrainingData", "eval_transform", "group_of", "make_loader",
+    "open_shard", "train_transform",
 ]
