@@ -284,6 +284,17 @@ def test_an_index_from_another_build_is_an_error(scored, tmp_path):
         TrainingData.open(other, sample_filter=SampleFilter(min_clip_score=0.2))
 
 
+def test_an_index_with_a_class_the_manifest_lacks_is_an_error(scored, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(scored, other)
+    table = pq.read_table(other / "index.parquet")
+    labels = [9 + 5 * s for s in table["is_synthetic"].to_pylist()]  # synthetic rows say class 14 of 10
+    pq.write_table(table.set_column(table.column_names.index("label"), "label", pa.array(labels, pa.int64())),
+                   other / "index.parquet")
+    with pytest.raises(FillupError, match=r"a synthetic sample of class 14, outside 0\.\.9; the index is not"):
+        TrainingData.open(other, sample_filter=SampleFilter(top_k_per_class=1))
+
+
 def test_a_filter_that_keeps_nothing_is_an_error(scored):
     data = TrainingData.open(scored, sample_filter=SampleFilter(min_clip_score=0.9))
     with pytest.raises(FillupError, match="keeps no synthetic sample; loosen it"):

@@ -200,10 +200,16 @@ def read_synthetic_scores(path: Path, where: str, columns: list[str]) -> dict[st
     return rows
 
 
-def select(path: Path, where: str, sample_filter: SampleFilter, synthetic_shards: dict[str, int]) -> Selection:
+def select(path: Path, where: str, sample_filter: SampleFilter, synthetic_shards: dict[str, int],
+           num_classes: int) -> Selection:
     """Apply ``sample_filter`` to the build's ``index.parquet`` at ``path``.  ``synthetic_shards`` (path ->
-    sample count, from the manifest) must agree with the index, or the kept keys would be another build's."""
+    sample count, from the manifest) and the class count must agree with the index, or the kept keys would
+    be another build's."""
     rows = read_synthetic_scores(path, where, sample_filter.columns())
+    bad = next((c for c in rows["label"] if not isinstance(c, int) or not 0 <= c < num_classes), None)
+    if bad is not None:
+        raise FillupError(f"{where}: a synthetic sample of class {bad!r}, outside 0..{num_classes - 1}; the index "
+                          "is not this build's: re-download the build or rebuild it")
     counts: dict[str, int] = {}
     for shard in rows["shard"]:
         counts[shard] = counts.get(shard, 0) + 1

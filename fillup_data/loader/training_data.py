@@ -40,7 +40,8 @@ class TrainingData:
         self.selection: Selection | None = None
         if sample_filter is not None and sample_filter.active:
             syn = {s.path: s.num_samples for s in synthetic.shards("train", "synthetic")}
-            self.selection = select(synthetic.index_file(), synthetic.index_where, sample_filter, syn)
+            self.selection = select(synthetic.index_file(), synthetic.index_where, sample_filter, syn,
+                                    real.num_classes)
 
     @classmethod
     def open(
