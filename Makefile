@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_PINS = torch==2.14.1 torchvision==0.29.1
 OUT ?= out/demo
 
-.PHONY: venv demo test experiment clean
+.PHONY: venv demo test experiment compare clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,9 @@ clean:
 experiment: venv
 	$(VENV)/bin/python -m fillup_data.experiment --recipe recipes/demo_experiment.yaml \
 		--train-config recipes/train/demo_experiment.yaml --seeds 0 1 2 --out out/experiment --results results
+
+# The paper's Table 1 in miniature on the demo world (single template, CLIP templates, Textual Inversion;
+# synthetic images only; 3 seeds): results/compare.md and .json.
+compare: venv
+	$(VENV)/bin/python -m fillup_data.compare_experiment --train-config recipes/train/compare.yaml \
+		--seeds 0 1 2 --out out/compare --results results

@@ -332,11 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_token)
 
     # verbs that live with their subsystems
+    from fillup_data.compare import register as add_compare_parser
     from fillup_data.hub import add_publish_parser
     from fillup_data.quality.cli import register as add_quality_parsers
     from fillup_data.train.cli import add_eval_parser, add_train_parser
 
-    for add in (add_publish_parser, add_train_parser, add_eval_parser, add_quality_parsers):
+    for add in (add_publish_parser, add_train_parser, add_eval_parser, add_quality_parsers, add_compare_parser):
         add(sub)
     return parser
 

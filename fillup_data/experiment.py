@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from fillup_data.schema.groups import GROUPS, count_groups
+from fillup_data import experiment_steps as steps
+from fillup_data.result_table import COLUMNS, format_cell, json_safe, provenance, provenance_line, seed_row
+from fillup_data.schema.groups import count_groups
 
 METHODS = (
     ("CE baseline", "ce", [("1", ["stage1.data=real", "stage1.loss=cross_entropy"])]),
@@ -31,16 +32,6 @@ METHODS = (
     ("Fill-Up Stage I + II + BS", "fillup2", [("1", ["stage1.data=filled", "stage1.loss=balanced_softmax"]),
                                               ("2", ["stage2.data=real", "stage2.loss=balanced_softmax"])]),
 )
-# the table's columns: overall accuracy, then the paper's groups
-COLUMNS = ("overall", *GROUPS)
-
-
-def _cli(args: list[str]) -> None:
-    from fillup_data.cli import main
-
-    rc = main([str(a) for a in args])
-    if rc:
-        raise SystemExit(f"fillup-data {' '.join(map(str, args[:2]))} failed with status {rc}")
 
 
 def synthetic_fidelity(build: Path) -> dict:
@@ -79,61 +70,26 @@ def synthetic_fidelity(build: Path) -> dict:
     return {"overall_both": overall, "chance": 1 / 64, "per_class": per_class}
 
 
-def provenance(argv: list[str]) -> dict:
-    """Date, commit and command of a result, so a table says where it came from."""
-    import datetime
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True).stdout.strip()
-        commit = head + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not a git checkout)"
-    return {"date": datetime.date.today().isoformat(), "commit": commit,
-            "command": "python -m fillup_data.experiment " + " ".join(map(str, argv[1:]))}
-
-
 def run(recipe: Path, train_config: Path, seeds: list[int], out: Path, results: Path, extra: list[str],
         train_extra: list[str] = (), command: list[str] | None = None) -> dict:
     t0 = time.time()
-    prov = provenance(sys.argv if command is None else command)  # the code this run loads
+    argv = sys.argv if command is None else command
+    prov = provenance("python -m fillup_data.experiment " + " ".join(map(str, argv[1:])))  # the code this run loads
     out.mkdir(parents=True, exist_ok=True)
     build = out / "build"
     sets = [x for o in extra for x in ("--set", o)]
-    _cli(["build", recipe, "--out", build, "--quiet", *sets])
+    steps.run_cli(["build", recipe, "--out", build, "--quiet", *sets])
     runs: dict[str, list[dict]] = {}
     for title, tag, stages in METHODS:
         for seed in seeds:
             prev = None
             for stage, overrides in stages:
                 run_dir = out / "runs" / f"{tag}-seed{seed}-stage{stage}"
-                if not (run_dir / "model.safetensors").is_file():
-                    args = ["train", "--data", build, "--config", train_config, "--stage", stage, "--out", run_dir,
-                            "--device", "cpu", "--set", f"seed={seed}"]
-                    for o in [*train_extra, *overrides]:
-                        args += ["--set", o]
-                    if stage == "2":
-                        args += ["--init", prev]
-                    if run_dir.exists():  # a killed run: continue it
-                        args.append("--resume")
-                    _cli(args)
+                steps.train_once(build, train_config, run_dir, stage, [f"seed={seed}", *train_extra, *overrides],
+                                 init=prev if stage == "2" else None)
                 prev = run_dir
-            _cli(["eval", "--data", build, "--run", prev, "--device", "cpu"])
-            metrics = json.loads((prev / "metrics.json").read_text())
-            runs.setdefault(title, []).append(metrics)
-    table = {}
-    for title, ms in runs.items():
-        row = {}
-        for g in COLUMNS:
-            vals = [_top1(m, g) for m in ms]
-            ok = [v for v in vals if v == v]  # a group with no classes has no accuracy (NaN)
-            row[g] = {"mean": statistics.fmean(ok) if ok else None,
-                      "std": statistics.stdev(ok) if len(ok) > 1 else (0.0 if ok else None), "values": vals}
-        table[title] = row
+            runs.setdefault(title, []).append(steps.evaluate(build, prev))
+    table = {title: seed_row(ms) for title, ms in runs.items()}
     fidelity = synthetic_fidelity(build)
     # only the classes' groups are read: the build is this run's own
     classes = json.loads((build / "manifest.json").read_text())["classes"]
@@ -142,30 +98,15 @@ def run(recipe: Path, train_config: Path, seeds: list[int], out: Path, results: 
               "recipe": str(recipe), "train_config": str(train_config),
               "groups": count_groups(classes)}
     results.mkdir(parents=True, exist_ok=True)
-    (results / "demo_experiment.json").write_text(json.dumps(_no_nan(result), indent=2) + "\n")
+    (results / "demo_experiment.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
     (results / "demo_experiment.md").write_text(format_table(result) + "\n")
     return result
-
-
-def _top1(metrics: dict, group: str) -> float:
-    v = metrics.get(group)
-    return float("nan") if v is None else float(v)  # JSON has no NaN: the table writes None
-
-
-def _no_nan(obj):
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _no_nan(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_no_nan(v) for v in obj]
-    return obj
 
 
 def format_table(result: dict) -> str:
     g = result["groups"]
     p = result.get("provenance")
-    lines = [f"{p['date']}, commit {p['commit']}, `{p['command']}`.", ""] if p else []
+    lines = [provenance_line(p), ""] if p else []
     lines += [
         f"Top-1 accuracy (%) on the balanced test split, mean ± std over seeds {result['seeds']} "
         f"(classes: {g['many']} many, {g['medium']} medium, {g['few']} few).",
@@ -174,7 +115,7 @@ def format_table(result: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for title, row in result["table"].items():
-        cells = ["–" if row[k]["mean"] is None else f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" for k in COLUMNS]
+        cells = [format_cell(row[k]) for k in COLUMNS]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     fid = result["fidelity"]
     lines += ["", f"Synthetic-image fidelity (world classifier, shape and colour both right; chance "

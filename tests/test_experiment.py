@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import fillup_data.experiment as experiment
+import fillup_data.experiment_steps as experiment_steps
 
 
 def test_protocol_and_mean_std(tmp_path, monkeypatch):
@@ -30,7 +31,7 @@ def test_protocol_and_mean_std(tmp_path, monkeypatch):
             (tmp_path / "out" / "runs" / run.rsplit("/", 1)[1] / "metrics.json").write_text(
                 json.dumps({"overall": v, "many": v + 10, "medium": v, "few": None}))
 
-    monkeypatch.setattr(experiment, "_cli", fake_cli)
+    monkeypatch.setattr(experiment_steps, "run_cli", fake_cli)
     monkeypatch.setattr(experiment, "synthetic_fidelity", lambda build: {"overall_both": 0.5, "chance": 1 / 64,
                                                                          "per_class": {}})
     (tmp_path / "out" / "build").mkdir(parents=True)

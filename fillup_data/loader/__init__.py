@@ -19,6 +19,7 @@ One module per role:
 
 * :mod:`~fillup_data.loader.build` -- one build's manifest, local or on the Hub (:class:`Build`, :class:`ShardRef`);
 * :mod:`~fillup_data.loader.training_data` -- real shards from one build, synthetic from another;
+* :mod:`~fillup_data.loader.score_filter` -- the synthetic samples whose quality scores pass a filter;
 * :mod:`~fillup_data.loader.transport` -- a shard's bytes, a local file or an HTTP body with retries;
 * :mod:`~fillup_data.loader.dealing` -- shards dealt to ranks and workers, per-reader quotas;
 * :mod:`~fillup_data.loader.samples` -- one shard's samples, checked against the manifest's count;
@@ -31,6 +32,7 @@ re-exported here so ``from fillup_data.loader import train_transform`` keeps wor
 from fillup_data.loader.build import Build, ShardRef
 from fillup_data.loader.dealing import ReadPart
 from fillup_data.loader.samples import IMAGE_EXTENSIONS
+from fillup_data.loader.score_filter import SampleFilter
 from fillup_data.loader.stream import ShardStream, StreamLoader, make_loader
 from fillup_data.loader.training_data import SPLITS, SUBSETS, TrainingData
 from fillup_data.loader.transport import open_shard
@@ -38,7 +40,7 @@ from fillup_data.schema.groups import group_of
 from fillup_data.train.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SPLITS", "SUBSETS", "Build", "ReadPart", "ShardRef",
-    "ShardStream", "StreamLoader", "TrainingData", "eval_transform", "group_of", "make_loader", "open_shard",
-    "train_transform",
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SPLITS", "SUBSETS", "Build", "ReadPart", "SampleFilter",
+    "ShardRef", "ShardStream", "StreamLoader", "TrainingData", "eval_transform", "group_of", "make_loader",
+    "open_shard", "train_transform",
 ]

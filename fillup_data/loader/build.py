@@ -27,6 +27,13 @@ class ShardRef:
     origin: str
     num_samples: int
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
+    # the keys a score filter keeps (None: every sample); see fillup_data.loader.score_filter
+    keep: frozenset[str] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_kept(self) -> int:
+        """The samples a reader yields from this shard: all of them, or those the filter keeps."""
+        return self.num_samples if self.keep is None else len(self.keep)
 
 
 class Build:
@@ -42,6 +49,8 @@ class Build:
         revision: str | None = None,
         endpoint: str | None = None,
         headers: dict[str, str] | None = None,
+        cache_dir: str | None = None,
+        token: str | bool | None = None,
     ):
         self.manifest = manifest
         self.where = where
@@ -50,6 +59,8 @@ class Build:
         self.revision = revision
         self.endpoint = endpoint
         self._headers = tuple(sorted((headers or {}).items()))
+        self._cache_dir = cache_dir
+        self._token = token
         self.classes = sorted(manifest.classes, key=lambda c: c.index)
         self.many_above = manifest.many_above
         self.few_below = manifest.few_below
@@ -114,8 +125,37 @@ class Build:
         headers = build_hf_headers(token=token)
         return cls(
             Manifest.read(mpath, f"{where}:manifest.json"), f"{where}:manifest.json", repo_id=repo_id,
-            revision=revision, endpoint=endpoint, headers=headers,
+            revision=revision, endpoint=endpoint, headers=headers, cache_dir=cache_dir, token=token,
         )
+
+    # ---- the per-sample index
+    @property
+    def index_where(self) -> str:
+        """How errors name this build's ``index.parquet``."""
+        if self.base_dir is not None:
+            return str(self.base_dir / "index.parquet")
+        return f"{self.repo_id}@{self.revision or 'main'}:index.parquet"
+
+    def index_file(self) -> Path:
+        """A local copy of ``index.parquet``: the build's own file, or the Hub's through ``hf_hub_download``
+        (cached, like the manifest; publish uploads it next to the manifest)."""
+        if self.base_dir is not None:
+            path = self.base_dir / "index.parquet"
+            if not path.is_file():
+                raise FillupError(f"{self.index_where}: no such file; is {self.base_dir} a complete build?")
+            return path
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(
+                self.repo_id, "index.parquet", repo_type="dataset", revision=self.revision,
+                cache_dir=self._cache_dir, token=self._token, endpoint=self.endpoint,
+            ))
+        except Exception as err:  # the hub raises many types: offline, 404, auth, connection
+            raise FillupError(
+                f"{self.index_where}: cannot be read from the Hub ({type(err).__name__}: {err}); a build published "
+                "by `fillup-data publish` has it: check the revision, your token and HF_HUB_OFFLINE"
+            ) from None
 
     # ---- what the manifest says
     @property

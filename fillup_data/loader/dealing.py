@@ -11,7 +11,8 @@ from fillup_data.loader.build import ShardRef
 
 @dataclass(frozen=True)
 class ReadPart:
-    """A reader's share of one shard: the samples ``i`` with ``i % stride == offset``."""
+    """A reader's share of one shard: the samples ``i`` with ``i % stride == offset``, ``i`` counting the
+    samples the shard's filter keeps (all of them without a filter)."""
 
     shard: ShardRef
     stride: int = 1
@@ -19,7 +20,7 @@ class ReadPart:
 
     @property
     def num_samples(self) -> int:
-        return len(range(self.offset, self.shard.num_samples, self.stride))
+        return len(range(self.offset, self.shard.num_kept, self.stride))
 
 
 def deal(parts: list[ReadPart], n: int) -> list[list[ReadPart]]:

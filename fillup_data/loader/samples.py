@@ -26,18 +26,22 @@ _READ_ERRORS = (tarfile.TarError, OSError, Urllib3Error)
 
 
 def read_part(part: ReadPart) -> Iterator[dict[str, Any]]:
-    """The samples of ``part`` (every ``stride``-th of the shard), reading the whole shard; once the
-    shard is read to its end, its sample count must be the manifest's."""
+    """The samples of ``part`` (every ``stride``-th of those the shard's filter keeps), reading the whole
+    shard; once the shard is read to its end, its sample count must be the manifest's, and every key
+    the filter keeps must have been in it."""
     shard = part.shard
     stream = open_shard(shard)
-    count = 0
+    count = kept = 0
     try:
         files = tar_file_expander([{"url": shard.url, "stream": stream}])
         try:
             for i, sample in enumerate(group_by_keys(files)):
                 count = i + 1
-                if i % part.stride == part.offset:
+                if shard.keep is not None and sample.get("__key__") not in shard.keep:
+                    continue
+                if kept % part.stride == part.offset:
                     yield sample
+                kept += 1
         except _READ_ERRORS as err:
             raise FillupError(
                 f"{shard.url}: cannot read shard {shard.path} after {count} samples ({_reason(err)}); the file is "
@@ -49,6 +53,11 @@ def read_part(part: ReadPart) -> Iterator[dict[str, Any]]:
         raise FillupError(
             f"{shard.url}: shard {shard.path} holds {count} samples, its manifest says {shard.num_samples}; "
             "the shard is truncated or empty, or does not belong to this manifest: re-download or rebuild it"
+        )
+    if kept != shard.num_kept:
+        raise FillupError(
+            f"{shard.url}: shard {shard.path} holds {kept} of the {shard.num_kept} samples index.parquet keeps "
+            "for it; the index is not this build's: re-download the build or rebuild it"
         )
 
 

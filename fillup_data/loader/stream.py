@@ -87,7 +87,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.return_keys = return_keys
         self.epoch = 0
-        self.total_samples = sum(s.num_samples for s in self.shards)
+        self.total_samples = sum(s.num_kept for s in self.shards)  # after the score filter, if any
         if train and self.batches_per_rank() == 0:
             raise FillupError(
                 f"{self.total_samples} training samples cannot fill one batch of {batch_size} on each of "

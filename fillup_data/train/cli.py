@@ -23,6 +23,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="huggingface_hub cache for the manifest (default: HF_HOME)")
 
 
+# train flags that set the trained stage's filter (fillup_data.loader.score_filter.SampleFilter)
+FILTER_FLAGS = (
+    ("--min-clip-score", "min_clip_score", float, "keep synthetic samples with clip_score >= X"),
+    ("--max-real-similarity", "max_real_similarity", float,
+     "drop near-copies of real images: keep real_similarity <= X"),
+    ("--min-class-confidence", "min_class_confidence", float, "keep class_confidence >= X (0..1)"),
+    ("--top-k-per-class", "top_k_per_class", int,
+     "then keep the K best synthetic samples of each class by clip_score (ties by key)"),
+)
+
+
+def filter_overrides(args: argparse.Namespace) -> list[str]:
+    """The filter flags as ``--set stage<N>.filter.<field>=value`` overrides (applied after the others)."""
+    return [f"stage{args.stage}.filter.{field}={getattr(args, field)!r}"
+            for _, field, _, _ in FILTER_FLAGS if getattr(args, field) is not None]
+
+
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="train a classifier on a build (Balanced Softmax, two stages)",
@@ -38,6 +55,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a train recipe field, e.g. --set stage1.epochs=10 (repeatable)")
+    f = p.add_argument_group(
+        "score filter", "keep only the synthetic samples whose index.parquet scores pass (run `fillup-data score "
+        "OUT` first); the same as the recipe's stage<N>.filter fields; real samples are always kept")
+    for flag, field, kind, what in FILTER_FLAGS:
+        f.add_argument(flag, dest=field, type=kind, default=None, metavar="K" if kind is int else "X", help=what)
     p.set_defaults(func=run_train)
     return p
 
@@ -63,7 +85,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.stage == 1 and args.init:
         raise FillupError("--init is for --stage 2 (Stage I starts from scratch or from model.weights)")
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = load_train_config(args.config, [*args.overrides, *filter_overrides(args)])
     env = init_distributed(args.device)
     ok = False
     try:

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fillup_data.errors import FillupError
+from fillup_data.loader.score_filter import SampleFilter
 from fillup_data.recipe import expand_env, read_yaml_mapping
 
 
@@ -68,11 +69,19 @@ class StageConfig(_Strict):
     loss: Literal["balanced_softmax", "cross_entropy"] = "balanced_softmax"
     train: Literal["all", "classifier"] = Field("all", description="classifier: cRT-style, the rest frozen")
     reinit_classifier: bool = False
+    # part of what the stage reads, like ``data``: so it sits here, is recorded with the config in run.json,
+    # and a resume with another filter is refused
+    filter: SampleFilter = Field(
+        default_factory=SampleFilter,
+        description="keep only the synthetic samples whose index.parquet scores pass (`fillup-data score`)")
 
     @model_validator(mode="after")
     def _warmup(self) -> "StageConfig":
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be <= epochs ({self.epochs})")
+        if self.filter.active and self.data == "real":
+            raise ValueError("filter: it keeps or drops synthetic samples, and this stage's data is real; "
+                             "drop the filter or set data to filled or synthetic")
         return self
 
 

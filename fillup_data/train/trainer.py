@@ -28,7 +28,7 @@ from fillup_data.train.checkpoint import (
     Checkpoint, fsync_file, last_good_checkpoint, latest_checkpoint, load_checkpoint, read_json, replace_durably,
     save_checkpoint, write_json,
 )
-from fillup_data.train.config import TrainConfig
+from fillup_data.train.config import TrainConfig, parse_train_config
 from fillup_data.train.distributed import DistEnv, all_reduce_sum, barrier
 from fillup_data.train.losses import make_loss
 from fillup_data.train.models import build_model, classifier_of, load_weights, save_weights
@@ -55,6 +55,7 @@ def model_for(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 def _record(req: TrainRequest, data: TrainingData, env: DistEnv) -> dict[str, Any]:
     """What identifies this run; a resume must match it."""
+    selection = data.selection
     return {
         "stage": req.stage,
         "config": req.config.model_dump(mode="json"),
@@ -69,6 +70,8 @@ def _record(req: TrainRequest, data: TrainingData, env: DistEnv) -> dict[str, An
         "real_counts": data.real_counts,
         "groups": {"many_above": data.real.many_above, "few_below": data.real.few_below},
         "init": str(req.init) if req.init else None,
+        # the stage's score filter, the index it read and what it kept and dropped (None: no filter)
+        "synthetic_filter": selection.record(data.groups) if selection is not None else None,
         "world_size": env.world_size,
         "package_version": __version__,
     }
@@ -82,12 +85,19 @@ def _prepare_run_dir(req: TrainRequest, record: dict[str, Any], env: DistEnv) ->
         if not run_json.is_file():
             raise FillupError(f"{run}: nothing to resume (no run.json); drop --resume to start a new run")
         old = read_json(run_json)
+        # read through today's schema, so a run recorded before a field with a default was added still resumes
+        old_config = parse_train_config(old.get("config"), f"{run_json}:config").model_dump(mode="json")
         for key in ("stage", "config", "class_names", "real_counts"):
-            if old.get(key) != record.get(key):
+            if (old_config if key == "config" else old.get(key)) != record.get(key):
                 raise FillupError(
                     f"{run_json}: '{key}' differs from this command's; resume with the same --config/--set/"
                     "--data/--stage, or start a new --out"
                 )
+        if old.get("synthetic_filter") != record.get("synthetic_filter"):
+            raise FillupError(
+                f"{run_json}: the index.parquet of {req.data} is not the one this run's score filter read when "
+                "it started (scored again?), so the kept samples may differ: start a new --out"
+            )
         return last_good_checkpoint(run, warn=lambda msg: tqdm.write(f"warning: {msg}") if env.is_main else None)
     if run_json.is_file() or (run.exists() and latest_checkpoint(run) is not None):
         raise FillupError(f"{run}: already holds a run; pass --resume to continue it or choose a new --out")
@@ -169,8 +179,10 @@ def train(req: TrainRequest, env: DistEnv) -> Path:
             f"stage{req.stage}.batch_size {stage.batch_size} (global) is not divisible by {env.world_size} ranks"
         )
     torch.manual_seed(cfg.seed)
-    data = TrainingData.open(req.data, req.real_data, cache_dir=req.cache_dir)
+    data = TrainingData.open(req.data, req.real_data, cache_dir=req.cache_dir, sample_filter=stage.filter)
     record = _record(req, data, env)
+    if env.is_main and data.selection is not None:
+        tqdm.write(f"stage {req.stage} {data.selection.summary(data.groups)}")
     resume_from = _prepare_run_dir(req, record, env)
     barrier(env)
     _claim_run_dir(req, record, env)
