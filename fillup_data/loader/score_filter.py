@@ -24,11 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fillup_data.errors import FillupError
 from fillup_data.schema.groups import GROUPS
+from fillup_data.schema.scores import SCORE_BY_NAME
 
-# the columns `fillup-data score` adds to index.parquet (fixed names)
-CLIP_SCORE = "clip_score"
-CLASS_CONFIDENCE = "class_confidence"
-REAL_SIMILARITY = "real_similarity"
+# the columns `fillup-data score` adds to index.parquet (fillup_data.schema.scores)
+CLIP_SCORE, CLASS_CONFIDENCE, REAL_SIMILARITY = (SCORE_BY_NAME[n].name for n in
+                                                 ("clip_score", "class_confidence", "real_similarity"))
 
 
 class SampleFilter(BaseModel):
