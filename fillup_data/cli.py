@@ -198,8 +198,8 @@ def cmd_preview(args) -> int:
 
         prompt_groups(recipe, plan)  # refuses what a build would refuse (captions of a class without images)
         device = str(pipe.unet.device)
-        make_prompts(recipe, work, classes, lambda: PromptMaker(recipe, plan, device=device), progress=True)
-    generator = synthesis.make_generator(recipe, plan.classes, work, pipe, plan=plan)
+        make_prompts(recipe, plan, work, classes, lambda: PromptMaker(recipe, plan, device=device), progress=True)
+    generator = synthesis.make_generator(recipe, plan.classes, work, pipe, plan=plan, real_from_source=True)
     real, synthetic = {}, {}
     for c in classes:
         items = [it for it in index.items["train"] if it.label == c][: args.n]

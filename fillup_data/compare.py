@@ -19,6 +19,7 @@ from typing import Any
 from fillup_data.errors import FillupError
 from fillup_data.result_table import COLUMNS, format_cell, json_safe, mean_std, seed_row, top1
 from fillup_data.schema.groups import GROUPS, group_of
+from fillup_data.train.config import parse_train_config
 
 # Table 1's column order; strategies not listed here follow, by name
 TABLE1_ORDER = ("single_template", "clip_templates", "lm_prompts", "image_variation", "reimagine", "captions",
@@ -76,6 +77,23 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# build settings that decide speed or the last bits only, never the method: not a reason for another row
+_NOT_METHOD = {"generator.batch_size", "generator.compile", "generator.dtype", "generator.guidance_scale",
+               "generator.max_retries", "generator.revision"}
+
+
+def build_variant(recipe: dict) -> dict[str, Any]:
+    """The build's settings that define the synthetic images (generator, fill, and inversion for Textual
+    Inversion), flattened as ``generator.language_model.model``; the build's seed is left out: builds that
+    differ only in their seed are repeats, averaged like classifier seeds."""
+    parts = {"generator": recipe.get("generator") or {}, "fill": recipe.get("fill") or {}}
+    if (recipe.get("generator") or {}).get("strategy") == "textual_inversion":
+        parts["inversion"] = {k: v for k, v in (recipe.get("inversion") or {}).items()
+                              if k not in ("classes_per_pass", "classes_per_task", "compile", "pad_passes")}
+    flat = _flatten(parts)
+    return {k: v for k, v in flat.items() if k not in _NOT_METHOD and k != "generator.strategy"}
+
+
 def read_run(run: Path) -> RunResult:
     run = Path(run)
     if not run.is_dir():
@@ -92,9 +110,12 @@ def read_run(run: Path) -> RunResult:
     if bad:
         raise FillupError(f"{run}/metrics.json: no number for {bad[0]!r}; re-run `fillup-data eval` on the run")
     stage = record["stage"]
-    config = record["config"] if isinstance(record["config"], dict) else {}
+    # through today's schema, so a run recorded before a field existed (e.g. stageN.filter) has it at its
+    # default and falls in the same row as a new run with the same settings
+    config = parse_train_config(record["config"], f"{run}/run.json:config").model_dump(mode="json")
     data = (config.get(f"stage{stage}") or {}).get("data")
-    generator = (_build_of(record, run).manifest.recipe or {}).get("generator") or {}
+    recipe = _build_of(record, run).manifest.recipe or {}
+    generator = recipe.get("generator") or {}
     if stage == 1 and data == "real":
         strategy, guidance = REAL_ONLY, None
     else:
@@ -105,6 +126,8 @@ def read_run(run: Path) -> RunResult:
     flat = _flatten(config)
     seed = flat.pop("seed", 0)
     variant = {"guidance": guidance, "stage": stage, **flat}
+    if strategy != REAL_ONLY:  # what made the images: runs on builds that differ in it are other rows
+        variant.update(build_variant(recipe))
     return RunResult(run, record, metrics, strategy, guidance, seed, variant)
 
 
@@ -190,13 +213,13 @@ def format_markdown(table: dict[str, Any]) -> str:
         f"Top-1 accuracy (%) on the balanced test split ({table['num_test_samples']} images; classes: "
         f"{g['many']} many, {g['medium']} medium, {g['few']} few), mean ± std over the runs (seeds) of each row.",
         "",
-        "| strategy | runs (seeds) | " + " | ".join(COLUMNS) + " |",
-        "|---|---|" + "---:|" * len(COLUMNS),
+        "| strategy | runs (seeds) | " + " | ".join(COLUMNS) + " | top-5 |",
+        "|---|---|" + "---:|" * (len(COLUMNS) + 1),
     ]
     for row in table["rows"]:
         seeds = ", ".join(str(s) for s in row["seeds"])
         lines.append(f"| {row['label']} | {len(row['runs'])} ({seeds}) | "
-                     + " | ".join(format_cell(row[c]) for c in COLUMNS) + " |")
+                     + " | ".join(format_cell(row[c]) for c in COLUMNS + ("top5",)) + " |")
     return "\n".join(lines)
 
 

@@ -645,6 +645,16 @@ def _check_existing_tag(api, repo_id, tag, commit, manifest, files, include_real
             f"{url}: tag {tag} holds this build {held} real images, but this publish asks for "
             f"{'with' if include_real else 'without'}; tags are never moved: publish under another --tag"
         )
+    # scoring and the quality report change neither the fingerprint nor the shards, but they are part of
+    # what a tag serves (the index's score columns, quality/): a tag holding the build without them is
+    # not this publish
+    for key, what in (("scores", "score columns (fillup-data score)"), ("quality", "quality report")):
+        if remote_manifest.get(key) != manifest.get(key):
+            held = "without its" if remote_manifest.get(key) is None else "with other"
+            raise FillupError(
+                f"{url}: tag {tag} holds this build {held} {what}; tags are never moved: publish under "
+                f"another --tag (e.g. {tag}-scored)"
+            )
     return PublishResult(repo_id=repo_id, url=url, tag=tag, commit=commit, include_real=include_real,
                          unchanged=entries, already_published=True)
 

@@ -41,9 +41,10 @@ def synthetic_metadata(recipe: Recipe, class_index: int, class_name: str, prompt
         source_key=source_key)
 
 
-def strategy_context(recipe: Recipe, plan: Plan | None, plan_classes: list, out: Path):
+def strategy_context(recipe: Recipe, plan: Plan | None, plan_classes: list, out: Path, real_from_source: bool = False):
     """What the build's strategy reads: token files (textual_inversion), the real images of each class in
-    plan order (strategies that start from real images), the build folder (stored prompts)."""
+    plan order (strategies that start from real images: from the build's completed real shards, or from
+    the source for ``preview``, which writes none), the build folder (stored prompts)."""
     from fillup_data.generation import real_images
     from fillup_data.generation.strategies import StrategyContext, strategy_class
 
@@ -54,11 +55,14 @@ def strategy_context(recipe: Recipe, plan: Plan | None, plan_classes: list, out:
     if cls.uses_real_images:
         if plan is None:
             raise FillupError(f"generator.strategy {cls.name}: the plan's real samples are needed")
-        return real_images.from_source(recipe, plan, out, tokens)
+        if real_from_source:
+            return real_images.from_source(recipe, plan, out, tokens)
+        return real_images.from_real_shards(out, plan, tokens)
     return StrategyContext(out=out, token_files=tokens)
 
 
-def make_generator(recipe: Recipe, plan_classes: list, out: Path, pipe, plan: Plan | None = None):
+def make_generator(recipe: Recipe, plan_classes: list, out: Path, pipe, plan: Plan | None = None,
+                   real_from_source: bool = False):
     """The build's SyntheticGenerator. ``generator.batch_size: auto`` is resolved once per build and
     pinned in ``out`` (every worker, rank and resume then uses the same micro-batch, which decides
     the pixels); an explicit size is used as given."""
@@ -66,7 +70,7 @@ def make_generator(recipe: Recipe, plan_classes: list, out: Path, pipe, plan: Pl
     from fillup_data.generation.sampler import DenoisingSampler, resolve_batch_size
 
     names = [c.name for c in plan_classes]
-    context = strategy_context(recipe, plan, plan_classes, out)
+    context = strategy_context(recipe, plan, plan_classes, out, real_from_source)
     cfg = recipe.generator
     if cfg.batch_size == "auto":
         size = fastpath.pin_setting(out, "generator.batch_size", lambda: resolve_batch_size(DenoisingSampler(pipe), cfg))

@@ -91,8 +91,8 @@ def test_guidance_joins_the_label_only_where_one_strategy_has_several(tmp_path, 
     runs += [fake_run(tmp_path / "ti-0", builds["ti"], 0, _acc(60.0))]
     assert _cli("compare", *runs) == 0
     out = capsys.readouterr().out
-    assert "| strategy | runs (seeds) | overall | many | medium | few |" in out
-    assert "| single_template (guidance 1) | 2 (0, 1) | 55.0 ± 0.0 | 65.0 ± 0.0 | 55.0 ± 0.0 | – |" in out
+    assert "| strategy | runs (seeds) | overall | many | medium | few | top-5 |" in out
+    assert "| single_template (guidance 1) | 2 (0, 1) | 55.0 ± 0.0 | 65.0 ± 0.0 | 55.0 ± 0.0 | – | 99.0 ± 0.0 |" in out
     assert "| single_template (guidance 3) | 2 (0, 1) | 50.0 ± 0.0 |" in out
     assert "| textual_inversion | 1 (0) | 60.0 ± 0.0 |" in out
     assert _cli("compare", *runs, "--format", "json") == 0
@@ -112,6 +112,37 @@ def test_other_differences_get_rows_of_their_own(tmp_path, builds):
     assert labels[0].startswith("real data only")
     assert labels[1:] == ["textual_inversion (stage1.filter.top_k_per_class=None)",
                           "textual_inversion (stage1.filter.top_k_per_class=5)"]
+
+
+def test_builds_made_another_way_are_other_rows_and_build_seeds_are_repeats(tmp_path):
+    """Table 1 has two language-model columns (T5, Flan-T5): runs on builds whose generator differs are two
+    rows, labelled with what differs; builds that differ only in their seed are repeats of one row."""
+    def lm_build(name, model, seed=0):
+        out = strategy_build(tmp_path / name, "lm_prompts", 1.0)
+        m = json.loads((out / "manifest.json").read_text())
+        m["recipe"]["generator"]["language_model"] = {"model": model, "num_prompts": 50}
+        m["recipe"]["seed"] = seed
+        (out / "manifest.json").write_text(json.dumps(m))
+        return out
+
+    t5, flan, t5_again = lm_build("t5", "t5-common-gen"), lm_build("flan", "flan-alpaca"), lm_build("t5b", "t5-common-gen", 1)
+    runs = [fake_run(tmp_path / "r-t5", t5, 0, _acc(50.0)), fake_run(tmp_path / "r-flan", flan, 0, _acc(55.0)),
+            fake_run(tmp_path / "r-t5b", t5_again, 1, _acc(52.0))]
+    rows = compare_runs(runs)["rows"]
+    assert [(r["label"], r["seeds"]) for r in rows] == [
+        ("lm_prompts (generator.language_model.model=t5-common-gen)", [0, 1]),
+        ("lm_prompts (generator.language_model.model=flan-alpaca)", [0])]
+
+
+def test_a_run_recorded_before_a_config_field_existed_shares_the_row(tmp_path, builds):
+    """run.json of an older release lacks stage1.filter: read through today's schema, it is the same
+    experiment as a new run with the default, so the two seeds form one row."""
+    old = fake_run(tmp_path / "old", builds["ti"], 0, _acc(60.0))
+    record = json.loads((old / "run.json").read_text())
+    del record["config"]["stage1"]["filter"]
+    (old / "run.json").write_text(json.dumps(record))
+    rows = compare_runs([old, fake_run(tmp_path / "new", builds["ti"], 1, _acc(62.0))])["rows"]
+    assert [(r["label"], r["seeds"]) for r in rows] == [("textual_inversion", [0, 1])]
 
 
 # --------------------------------------------------------------------------- errors

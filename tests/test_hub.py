@@ -6,6 +6,7 @@ images and steps, small shards) so it takes seconds: several real and synthetic 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from tests.hubserver import HubServer, hub_server  # noqa: F401  (fixture)
@@ -333,6 +335,22 @@ def test_same_tag_with_a_different_build_is_refused(hub: HubServer, demo_build: 
     res = _publish(hub, other, tag="v1.0.1", include_real=True)
     assert json.loads(hub.files_at(REPO, res.tag)["manifest.json"])["fingerprint"] == "f" * 64
     assert json.loads(hub.files_at(REPO, "v1.0.0")["manifest.json"])["fingerprint"] != "f" * 64
+
+
+def test_a_build_scored_after_its_tag_is_published_under_a_new_tag(hub: HubServer, demo_build: Path, capsys):
+    """`score` changes neither the fingerprint nor the shards, yet the tag would lack the score columns a
+    filtered training run needs: publishing to the same tag is refused, a new tag carries them."""
+    from fillup_data.cli import main
+
+    _publish(hub, demo_build, include_real=True)
+    before = hub.repo(REPO).tags["v1.0.0"]
+    assert main(["score", str(demo_build), "--clip-model", "builtin:tiny-clip", "--device", "cpu", "--quiet"]) == 0
+    with pytest.raises(FillupError, match="tag v1.0.0 holds this build without its score columns.*v1.0.0-scored"):
+        _publish(hub, demo_build, include_real=True)
+    assert hub.repo(REPO).tags["v1.0.0"] == before
+    res = _publish(hub, demo_build, tag="v1.0.0-scored", include_real=True)
+    assert json.loads(hub.files_at(REPO, res.tag)["manifest.json"])["scores"]["clip_model"] == "builtin:tiny-clip"
+    assert "clip_score" in pq.read_schema(io.BytesIO(hub.files_at(REPO, res.tag)["index.parquet"])).names
 
 
 def test_tag_with_real_images_is_not_reused_without_them(hub: HubServer, demo_build: Path):

@@ -284,6 +284,9 @@ def test_build_records_each_samples_source_and_regenerates_exactly(builds, tmp_p
     assert any(max(c.values()) > 1 for c in used.values())  # some class has more samples than sources
     assert _digests(a) == _digests(b)
     assert (a / "index.parquet").read_bytes() == (b / "index.parquet").read_bytes()
+    card = (a / "README.md").read_text()
+    assert "variations of the class's real training images, each used evenly (`source_key`)" in card
+    assert "prompt ``" not in card and "Textual Inversion per class" not in card
     for r in (synthetic[0], synthetic[-1]):
         res = regenerate_sample(a, r["key"])
         assert res.exact, res.summary()
@@ -324,3 +327,37 @@ def test_plan_preview_and_bench_run_for_the_image_strategies(strategy, model, tm
         assert "generation (eager, batch 2)" in capsys.readouterr().out and rates.is_file()
     finally:
         rates.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_a_source_image_that_fails_mid_build_is_no_samples_source(tmp_path, monkeypatch):
+    """An image the source cannot load when the real shard is written is skipped and reported there; the
+    variations are then drawn from the images the real shards hold (not from the source again), so no
+    sample names a source missing from the build and every sample still regenerates exactly."""
+    from fillup_data.sources import ImageLoadError
+    from fillup_data.sources.demo import DemoSource
+
+    from fillup_data.index import build_index
+
+    out = tmp_path / "out"
+    recipe = load_recipe(DEMO, SMALL + KINDS["image_variation"] + ["generator.strategy=image_variation"])
+    index = build_index(recipe, workers=1)
+    broken = [it for it in index.items["train"] if it.label == 0][1]  # class 0's second image breaks after indexing
+    load = DemoSource.load
+
+    def flaky(self, item):
+        if item == broken:
+            raise ImageLoadError("undecodable", "broke after indexing")
+        return load(self, item)
+
+    monkeypatch.setattr(DemoSource, "load", flaky)
+    run_build(recipe, out, **QUIET)
+    rows = read_index(out / "index.parquet")
+    real0 = sorted(r["key"] for r in rows if r["label"] == 0 and not r["is_synthetic"] and r["split"] == "train")
+    assert len(real0) == len([it for it in index.items["train"] if it.label == 0]) - 1
+    synthetic0 = [r for r in rows if r["label"] == 0 and r["is_synthetic"]]
+    assert synthetic0 and {r["source_key"] for r in synthetic0} <= set(real0)
+    for r in synthetic0:  # still used evenly, over the images the build holds
+        assert r["source_key"] == real0[int(r["key"].rsplit("-", 1)[1]) % len(real0)]
+    monkeypatch.setattr(DemoSource, "load", load)
+    assert regenerate_sample(out, synthetic0[-1]["key"]).exact

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +205,11 @@ def test_a_classifier_fills_class_confidence_and_a_changed_model_recomputes(buil
     assert main(["score", str(out), *CLIP, "--classifier-arch", "tiny_cnn", "--classifier-weights", str(weights),
                  "--classifier-image-size", "16", "--classifier-resize", "16"]) == 0
     assert "6 already scored with this model, 0 to score" in capsys.readouterr().out
+    # another batch size (it decides the last bits) scores every shard again, never mixing the two setups
+    assert main(["score", str(out), *CLIP, "--classifier-arch", "tiny_cnn", "--classifier-weights", str(weights),
+                 "--classifier-image-size", "16", "--classifier-resize", "16", "--batch-size", "3"]) == 0
+    assert "0 already scored with this model, 6 to score" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["scores"]["batch_size"] == 3
 
 
 def test_classifier_from_a_training_run_folder(builds, tmp_path, capsys):
@@ -215,7 +219,7 @@ def test_classifier_from_a_training_run_folder(builds, tmp_path, capsys):
     run = tmp_path / "run1"
     assert main(["train", "--data", str(out), "--config", str(REPO / "recipes/train/demo.yaml"), "--stage", "1",
                  "--out", str(run), "--device", "cpu", "--set", "stage1.epochs=1", "--set", "stage1.warmup_epochs=0",
-                 "--set", "stage1.batch_size=8",                 "--set", "model.width=4", "--set", "data.image_size=16", "--set", "data.eval_resize=16"]) == 0
+                 "--set", "stage1.batch_size=8", "--set", "model.width=4", "--set", "data.image_size=16", "--set", "data.eval_resize=16"]) == 0
     capsys.readouterr()
     assert main(["score", str(out), *CLIP, "--classifier", str(run)]) == 0
     conf = pq.read_table(out / "index.parquet", columns=["class_confidence"]).column(0).to_pylist()

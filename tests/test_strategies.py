@@ -108,6 +108,11 @@ def test_clip_templates_build_records_each_samples_exact_prompt(clip_builds):
         assert prompts == list(range(n))
     assert shard_digests(a) == shard_digests(b)
     assert (a / "index.parquet").read_bytes() == (b / "index.parquet").read_bytes()
+    # the card says what conditioned the images, not the recipe's unused prompt field
+    card = (a / "README.md").read_text()
+    assert "(the 80 CLIP prompt templates with the class name)" in card
+    assert "the 80 CLIP templates of the paper's figure A9 with the class name, used evenly per class" in card
+    assert "{token}" not in card and "Textual Inversion per class" not in card
 
 
 @pytest.mark.slow

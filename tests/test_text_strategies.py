@@ -213,6 +213,35 @@ def test_captions_refuse_a_planned_class_without_real_images_and_name_a_vanished
         PromptMaker(recipe, plan).make(1)
 
 
+def test_prompts_made_for_another_seed_or_other_images_are_made_again(tmp_path):
+    """A folder reused across recipes (preview's --tokens) must not serve stale prompts: a class's file
+    counts as made only for the same model, settings and sources (the seed; the captioned images)."""
+    from fillup_data.index import build_index
+    from fillup_data.plan import make_plan
+    from fillup_data.recipe import parse_recipe
+    from fillup_data.stages.prompts import PromptMaker, make_prompts
+
+    root = tmp_path / "data"
+    write_split_file_dataset(root, [3, 2], test_per_class=1)
+
+    def setup(generator, **over):
+        recipe = parse_recipe(split_file_recipe(root, generator={"model": "builtin:tiny-sd", **generator}, **over))
+        return recipe, make_plan(recipe, build_index(recipe, workers=1))
+
+    def made(recipe, plan):
+        return make_prompts(recipe, plan, tmp_path / "work", [0, 1], lambda: PromptMaker(recipe, plan), False)
+
+    lm = {"strategy": "lm_prompts", "language_model": {"model": "builtin:tiny-t5", "num_prompts": 3,
+                                                         "max_new_tokens": 8}}
+    assert made(*setup(lm)) == 2 and made(*setup(lm)) == 0  # the same recipe again: nothing to make
+    assert made(*setup(lm, seed=1)) == 2  # another seed: other prompts
+    captions = {"strategy": "captions", "captioner": {"model": "builtin:tiny-blip", "max_new_tokens": 6}}
+    assert made(*setup(captions)) == 2 and made(*setup(captions)) == 0
+    # one image more in class 1: its captions come from other sources and are made again, class 0's are kept
+    write_split_file_dataset(root, [3, 3], test_per_class=1)
+    assert made(*setup(captions)) == 1
+
+
 # ---------------------------------------------------------------- builds
 SMALL = ["source.max_images=12", "fill.target=12", "generator.num_inference_steps=3", "generator.batch_size=8",
          "shards.max_samples=40", "generator.model=builtin:tiny-sd", "generator.guidance_scale=1.0"]

@@ -2,9 +2,10 @@
 variations, reimagine): their keys in plan order (``real_keys[c][k]`` = the class's k-th real sample) and a
 loader by key.
 
-Two places hold them: the source, during a build (the same file the real shard is written from, decoded
-by the same source loader that inversion uses), and the finished build's real shards, for ``regenerate``
-(a sample is made again from the build alone, on a machine without the source).
+Three places hold them: the source (captions are made in phase A, next to the real shards, from the same
+file a real shard is written from, re-encoded as the shard stores it); the build's completed real shards
+(image strategies, in phase B); and a finished build's real shards, for ``regenerate`` (a sample is made
+again from the build alone, on a machine without the source). The last two read the same bytes.
 """
 
 from __future__ import annotations
@@ -50,15 +51,11 @@ def from_source(recipe, plan, out: Path | None = None, token_files=None) -> Stra
     return StrategyContext(out=out, token_files=dict(token_files or {}), real_keys=keys, load_real=load)
 
 
-def from_build(build: Path, num_classes: int, token_files=None) -> StrategyContext:
-    """Keys and loader from a finished build's real training shards (via ``index.parquet``)."""
+def _from_rows(folder: Path, rows: list[dict], num_classes: int, where_listed: str, token_files=None,
+               missing_hint: str = "") -> StrategyContext:
+    """Keys (per class, in key order) and a loader reading each image at its recorded offset in its shard."""
     from PIL import Image
 
-    from fillup_data.shards.index_parquet import read_index
-
-    build = Path(build)
-    rows = read_index(build / "index.parquet", columns=["key", "shard", "split", "label", "is_synthetic",
-                                                       "image_offset", "image_size"])
     where = {}
     keys: list[list[str]] = [[] for _ in range(num_classes)]
     for r in rows:
@@ -66,19 +63,47 @@ def from_build(build: Path, num_classes: int, token_files=None) -> StrategyConte
             where[r["key"]] = r
             keys[r["label"]].append(r["key"])
     for k in keys:
-        k.sort()
+        k.sort()  # keys end in the zero-padded ordinal: key order is the source's order within a class
 
     def load(key: str):
         if key not in where:
-            raise FillupError(f"{build / 'index.parquet'}: no real training sample {key!r} (a build published "
-                              "without its real shards cannot regenerate samples made from real images)")
+            raise FillupError(f"{where_listed}: no real training sample {key!r}{missing_hint}")
         r = where[key]
         try:
-            with open(build / r["shard"], "rb") as f:
+            with open(folder / r["shard"], "rb") as f:
                 f.seek(r["image_offset"])
                 data = f.read(r["image_size"])
             return Image.open(io.BytesIO(data)).convert("RGB")
         except (OSError, ValueError) as err:
-            raise FillupError(f"{build / r['shard']}: cannot read the real image {key} ({err})") from None
+            raise FillupError(f"{folder / r['shard']}: cannot read the real image {key} ({err})") from None
 
-    return StrategyContext(out=build, token_files=dict(token_files or {}), real_keys=keys, load_real=load)
+    return StrategyContext(out=folder, token_files=dict(token_files or {}), real_keys=keys, load_real=load)
+
+
+def from_real_shards(out: Path, plan, token_files=None) -> StrategyContext:
+    """During a build, once its real training shards are complete (phase A): the images exactly as those
+    shards store them, listed by their completion records. An image the source could not load is in no
+    shard, so no sample is conditioned on it; the build and ``regenerate`` (``from_build``) see the same
+    keys and the same pixels, whatever happens to the source files afterwards."""
+    from fillup_data.state import completed_shard
+
+    out = Path(out)
+    rows = []
+    for shard in plan.shards_of("train", "real"):
+        record = completed_shard(out, shard)
+        if record is None:
+            raise FillupError(f"{out / shard.path}: the real shard is not complete, and the strategy "
+                              f"{plan.strategy} conditions on its images; relaunch the build")
+        rows += record["rows"]
+    return _from_rows(out, rows, len(plan.classes), f"{out}/.fillup/shards", token_files)
+
+
+def from_build(build: Path, num_classes: int, token_files=None) -> StrategyContext:
+    """Keys and loader from a finished build's real training shards (via ``index.parquet``)."""
+    from fillup_data.shards.index_parquet import read_index
+
+    build = Path(build)
+    rows = read_index(build / "index.parquet", columns=["key", "shard", "split", "label", "is_synthetic",
+                                                       "image_offset", "image_size"])
+    return _from_rows(build, rows, num_classes, str(build / "index.parquet"), token_files,
+                      " (a build published without its real shards cannot regenerate samples made from real images)")

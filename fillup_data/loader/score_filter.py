@@ -14,7 +14,6 @@ key, NaN last).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fillup_data.errors import FillupError
 from fillup_data.schema.groups import GROUPS
 from fillup_data.schema.scores import SCORE_BY_NAME
+from fillup_data.shards.writer import sha256_file
 
 # the columns `fillup-data score` adds to index.parquet (fillup_data.schema.scores)
 CLIP_SCORE, CLASS_CONFIDENCE, REAL_SIMILARITY = (SCORE_BY_NAME[n].name for n in
@@ -164,14 +164,6 @@ def select_synthetic(rows: dict[str, list], sample_filter: SampleFilter) -> tupl
     return kept, kept_per_class, dropped_per_class
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_synthetic_scores(path: Path, where: str, columns: list[str]) -> dict[str, list]:
     """The synthetic training rows of ``index.parquet`` with ``columns``; errors say what to run."""
     import pyarrow.compute as pc
@@ -219,5 +211,5 @@ def select(path: Path, where: str, sample_filter: SampleFilter, synthetic_shards
             f"{synthetic_shards.get(shard, 0)}; the index is not this build's: re-download the build or rebuild it"
         )
     kept, kept_per_class, dropped_per_class = select_synthetic(rows, sample_filter)
-    return Selection(sample_filter, _sha256(path), {s: frozenset(k) for s, k in kept.items()},
+    return Selection(sample_filter, sha256_file(path), {s: frozenset(k) for s, k in kept.items()},
                      kept_per_class, dropped_per_class)

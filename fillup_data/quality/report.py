@@ -173,9 +173,10 @@ def write_quality_report(out: str | Path, *, per_class: int = 8, near_copy: floa
         raise FillupError(f"--per-class: must be at least 1, got {per_class}")
     if not 0 < near_copy <= 1:
         raise FillupError(f"--near-copy: a cosine similarity in (0, 1], got {near_copy}")
-    manifest = Manifest.read(out / "manifest.json")
-    rows = _scored_rows(out, manifest)
+    # read under the build's lock: a build, `score` or another `quality` may rewrite the manifest and index
     with BuildLock.acquire(out / STATE_DIR):
+        manifest = Manifest.read(out / "manifest.json")
+        rows = _scored_rows(out, manifest)
         feats = _features(out, manifest, rows)
         train = [r for r in rows if r["split"] == "train"]
         syn_all = [r for r in train if r["is_synthetic"]]

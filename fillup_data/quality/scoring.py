@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fillup_data.errors import FillupError
+from fillup_data.fastpath import device_description
 from fillup_data.quality.shard_scores import ShardScores, read_shard_scores, write_shard_scores
 from fillup_data.schema.manifest import Manifest
 from fillup_data.schema.scores import CLIP_PROMPT, SCORE_COLUMNS, SCORE_NAMES
@@ -140,9 +141,11 @@ def _score_shard(path: Path, rows: list[dict], clip, text: torch.Tensor, classif
                        np.concatenate(confidences) if feats else np.zeros(0))
 
 
-def scores_identity(clip_identity: str, classifier_identity: str | None) -> str:
-    """What the stored results depend on besides the shard's bytes."""
-    return hashlib.sha256(f"{clip_identity}\n{classifier_identity or 'none'}\n{CLIP_PROMPT}".encode()).hexdigest()
+def scores_identity(clip_identity: str, classifier_identity: str | None, device: str = "", batch_size: int = 0) -> str:
+    """What the stored results depend on besides the shard's bytes: the models, the prompt, and the device
+    kind and batch size (they decide the last bits, so a resume never mixes results of two setups)."""
+    text = f"{clip_identity}\n{classifier_identity or 'none'}\n{CLIP_PROMPT}\n{device}\n{batch_size}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _nearest_real(by_shard: dict[str, ShardScores], rows_by_key: dict[str, dict]) -> dict[str, tuple[float, str]]:
@@ -173,20 +176,13 @@ def _nearest_real(by_shard: dict[str, ShardScores], rows_by_key: dict[str, dict]
 
 def _write_scored_index(out: Path, table, columns: dict[str, list]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from fillup_data.state import replace_durably, unique_temp_path
+    from fillup_data.shards.index_parquet import write_index_table
 
     table = table.drop_columns([c for c in SCORE_NAMES if c in table.column_names])
     for col in SCORE_COLUMNS:
         table = table.append_column(pa.field(col.name, col.arrow_type), pa.array(columns[col.name], col.arrow_type))
-    path = out / "index.parquet"
-    tmp = unique_temp_path(path)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        replace_durably(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_index_table(out / "index.parquet", table)
 
 
 def score_build(out: str | Path, *, clip_model: str, classifier_run: str | None = None,
@@ -207,11 +203,12 @@ def score_build(out: str | Path, *, clip_model: str, classifier_run: str | None 
         raise FillupError("--classifier RUN and --classifier-arch/--classifier-weights exclude each other")
     if bool(classifier_arch) != bool(classifier_weights):
         raise FillupError("--classifier-arch and --classifier-weights go together")
-    manifest = Manifest.read(out / "manifest.json")
-    table = _read_index(out)
     dev = resolve_device(device)
-    names = [c.name for c in sorted(manifest.classes, key=lambda c: c.index)]
+    # read under the build's lock: a build or `quality` may rewrite the manifest and index meanwhile
     with BuildLock.acquire(out / STATE_DIR):
+        manifest = Manifest.read(out / "manifest.json")
+        table = _read_index(out)
+        names = [c.name for c in sorted(manifest.classes, key=lambda c: c.index)]
         rows = table.select(_ROW_COLUMNS).to_pylist()
         bad = next((r for r in rows if not 0 <= r["label"] < len(names)), None)
         if bad is not None:
@@ -226,7 +223,8 @@ def score_build(out: str | Path, *, clip_model: str, classifier_run: str | None 
         if classifier is not None:
             classifier.model.to(dev)
         clip = load_clip(clip_model, dev)
-        identity = scores_identity(clip.identity, classifier.identity if classifier else None)
+        identity = scores_identity(clip.identity, classifier.identity if classifier else None,
+                                   device_description(str(dev)), batch_size)
         text = clip.text_features([CLIP_PROMPT.format(class_name=n) for n in names])
 
         by_shard_rows: dict[str, list[dict]] = {}
@@ -276,7 +274,8 @@ def score_build(out: str | Path, *, clip_model: str, classifier_run: str | None 
         record = {"clip_model": clip_model, "clip_identity": clip.identity, "prompt": CLIP_PROMPT,
                   "classifier": classifier.description if classifier else None,
                   "classifier_identity": classifier.identity if classifier else None,
-                  "columns": list(SCORE_NAMES), "identity": identity}
+                  "columns": list(SCORE_NAMES), "device": device_description(str(dev)), "batch_size": batch_size,
+                  "identity": identity}
         if manifest.scores != record and manifest.quality is not None:
             log(f"the quality report in {out / 'quality'} described other scores: the card no longer links it; "
                 f"run `fillup-data quality {out}` again")

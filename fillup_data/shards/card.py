@@ -163,11 +163,39 @@ images, near-copy counts and the best and worst images of each class.
 
 
 def _prompt_line(gen: dict) -> str:
-    if gen.get("strategy") == "lm_prompts" and gen.get("language_model"):
+    """What the synthetic images were conditioned on, in the words of their strategy (never a recipe field
+    the strategy does not use)."""
+    strategy = gen.get("strategy")
+    if strategy == "lm_prompts" and gen.get("language_model"):
         return f"prompts written by `{gen['language_model']['model']}`"
-    if gen.get("strategy") == "captions" and gen.get("captioner"):
+    if strategy == "captions" and gen.get("captioner"):
         return f"prompts `{gen['captioner']['template']}` from captions by `{gen['captioner']['model']}`"
+    if strategy == "clip_templates":
+        n = len(gen.get("templates") or ()) or 80
+        return (f"the recipe's {n} prompt templates" if gen.get("templates") else
+                "the 80 CLIP templates of the paper's figure A9") + " with the class name, used evenly per class"
+    if strategy in ("image_variation", "reimagine"):
+        prompt = f", prompt `{gen['prompt']}`" if gen.get("prompt") else ""
+        noise = f", noise level {gen.get('noise_level', 0)}" if strategy == "reimagine" else ""
+        return f"variations of the class's real training images, each used evenly (`source_key`){noise}{prompt}"
     return f"prompt `{gen['prompt']}`"
+
+
+_METHOD = {
+    "textual_inversion": "Textual Inversion per class on a frozen text-to-image model, then generation",
+    "single_template": "one prompt template with the class name",
+    "clip_templates": "the 80 CLIP prompt templates with the class name",
+    "lm_prompts": "prompts a language model wrote for each class",
+    "captions": "captions of the class's real images as prompts",
+    "image_variation": "image variations of the class's real images",
+    "reimagine": "unCLIP variations (Reimagine) of the class's real images",
+}
+
+
+def method_line(gen: dict) -> str:
+    """How the synthetic images were made, for the card's opening sentence."""
+    strategy = gen.get("strategy")
+    return "no synthetic images" if strategy == "none" else _METHOD.get(strategy, f"strategy {strategy}")
 
 
 def _prompts_section(manifest: dict) -> str:
@@ -236,7 +264,7 @@ image = pipe("a photo of a <fillup-{c}>", guidance_scale={gen['guidance_scale']}
     body = f"""# {name}
 
 A long-tailed image dataset balanced with synthetic images by the **Fill-Up** method
-(Textual Inversion per class on a frozen text-to-image model, then generation), built with
+({method_line(gen)}), built with
 fillup-data version {manifest.get('package_version', '')}.
 
 - version: `{version}`, fingerprint `{manifest['fingerprint'][:16]}`

@@ -14,6 +14,7 @@ from fillup_data.schema import sample as sample_schema
 from fillup_data.shards.writer import encodes_as_utf8, show_undecodable
 from fillup_data.state import replace_durably, unique_temp_path
 
+
 def write_index(path: Path, rows: list[dict]) -> None:
     schema = sample_schema.index_schema()
     cols = {f.name: [r.get(f.name, 0 if f.name == "retries" else None) for r in rows] for f in schema}
@@ -27,6 +28,11 @@ def write_index(path: Path, rows: list[dict]) -> None:
             f"{path}: sample {key}: {name} '{shown}' is not valid UTF-8 (a file name in another encoding?): "
             "rename the file to UTF-8 (e.g. with convmv) and rerun"
         ) from None
+    write_index_table(path, table)
+
+
+def write_index_table(path: Path, table) -> None:
+    """Write an index table atomically and durably (zstd), as every writer of ``index.parquet`` does."""
     tmp = unique_temp_path(path)
     try:
         pq.write_table(table, tmp, compression="zstd")

@@ -67,7 +67,28 @@ def expected_identity(recipe: Recipe) -> tuple[str, str, str, dict]:
     return g.strategy, cfg.model, cfg.revision or "main", settings
 
 
-def class_done(out: Path, recipe: Recipe, class_index: int) -> bool:
+def expected_sources(recipe: Recipe, plan: Plan, class_index: int) -> dict:
+    """What a class's prompts were made from besides the model: its seed (lm_prompts) or the keys of the
+    real images captioned (captions), compared with what the file records."""
+    if recipe.generator.strategy == "lm_prompts":
+        from fillup_data.generation.prompt_making import prompt_seed
+
+        return {"seed": prompt_seed(recipe.seed, class_index)}
+    keys = sorted(s.key for shard in plan.shards_of("train", "real") for s in shard.samples
+                  if s.item.label == class_index)
+    return {"source_keys": keys}
+
+
+def _recorded_sources(stored: ClassPrompts) -> dict:
+    if stored.strategy == "lm_prompts":
+        return {"seed": stored.details.get("seed")}
+    keys = [e["source_key"] for e in stored.prompts] + list(stored.details.get("empty_captions") or [])
+    return {"source_keys": sorted(keys)}
+
+
+def class_done(out: Path, recipe: Recipe, plan: Plan, class_index: int) -> bool:
+    """The class's prompts file exists, reads, and was made with these settings from these sources (the
+    same seed, or the same real images): otherwise it is made again."""
     path = prompt_file_path(out, class_index)
     if not path.is_file():
         return False
@@ -75,12 +96,14 @@ def class_done(out: Path, recipe: Recipe, class_index: int) -> bool:
         stored = ClassPrompts.read(path, class_index, recipe.generator.strategy)
     except FillupError:
         return False  # damaged: made again
-    return (stored.strategy, stored.model, stored.revision, stored.settings) == expected_identity(recipe)
+    return ((stored.strategy, stored.model, stored.revision, stored.settings) == expected_identity(recipe)
+            and _recorded_sources(stored) == expected_sources(recipe, plan, class_index))
 
 
-def group_done(out: Path, recipe: Recipe, group: int, classes: list[int]) -> bool:
+def group_done(out: Path, recipe: Recipe, plan: Plan, group: int, classes: list[int]) -> bool:
     rec = read_json_record(group_record_path(out, group))
-    return rec is not None and rec.get("classes") == classes and all(class_done(out, recipe, c) for c in classes)
+    return rec is not None and rec.get("classes") == classes and all(class_done(out, recipe, plan, c)
+                                                                     for c in classes)
 
 
 class PromptMaker:
@@ -154,24 +177,25 @@ def _remove_stale_temps(out: Path, classes: list[int]) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def run_prompts_group(recipe: Recipe, out: Path, group: int, classes: list[int], load_maker, progress: bool) -> dict:
+def run_prompts_group(recipe: Recipe, plan: Plan, out: Path, group: int, classes: list[int], load_maker,
+                      progress: bool) -> dict:
     """The task: make the group's classes that are not made yet, each file written as soon as it is
     made, then the group's record (last). ``load_maker()`` gives the worker's PromptMaker."""
-    if group_done(out, recipe, group, classes):
+    if group_done(out, recipe, plan, group, classes):
         return {"skipped": True}
-    made = make_prompts(recipe, out, classes, load_maker, progress, desc=f"prompts g{group:05d}")
+    made = make_prompts(recipe, plan, out, classes, load_maker, progress, desc=f"prompts g{group:05d}")
     write_json_atomic(group_record_path(out, group), {"group": group, "classes": classes})
     return {"classes_prompted": made}
 
 
-def make_prompts(recipe: Recipe, out: Path, classes: list[int], load_maker, progress: bool,
+def make_prompts(recipe: Recipe, plan: Plan, out: Path, classes: list[int], load_maker, progress: bool,
                  desc: str = "prompts") -> int:
     """Write ``prompts/NNNNN.json`` for each of ``classes`` not made yet (a build's task, or ``preview``
     for its classes); returns how many were made."""
     from tqdm.auto import tqdm
 
     _remove_stale_temps(out, classes)
-    todo = [c for c in classes if not class_done(out, recipe, c)]
+    todo = [c for c in classes if not class_done(out, recipe, plan, c)]
     maker = load_maker() if todo else None
     for c in tqdm(todo, desc=desc, unit="class", disable=not progress, leave=False):
         maker.make(c).write(prompt_file_path(out, c))

@@ -121,7 +121,7 @@ class BuildRunner:
             return group_done(self.out, g, inversion_groups(self.recipe, self.plan)[g])
         if kind == "prompts":
             g = int(name[1:])
-            return prompts_group_done(self.out, self.recipe, g, prompt_groups(self.recipe, self.plan)[g])
+            return prompts_group_done(self.out, self.recipe, self.plan, g, prompt_groups(self.recipe, self.plan)[g])
         raise KeyError(f"unknown task {task_id!r}")
 
     def run(self, task_id: str) -> dict:
@@ -137,7 +137,7 @@ class BuildRunner:
                                        inversion_groups(self.recipe, self.plan)[g], self.pipe, self.progress)
         if kind == "prompts":
             g = int(name[1:])
-            return run_prompts_group(self.recipe, self.out, g, prompt_groups(self.recipe, self.plan)[g],
+            return run_prompts_group(self.recipe, self.plan, self.out, g, prompt_groups(self.recipe, self.plan)[g],
                                      self.prompt_maker, self.progress)
         if kind == "synthetic":
             return run_synthetic_shard(self.recipe, self.plan, self._shard(name), self.out, self.generator,
