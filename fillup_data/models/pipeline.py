@@ -146,6 +146,10 @@ def load_pipeline(
     """
     import diffusers
 
+    # diffusers resolves a model_index.json component outside diffusers/transformers from sys.modules
+    # only: the package's own exact autoencoder must be imported before a folder naming it loads
+    import fillup_data.models.space_to_depth  # noqa: F401
+
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model(model)
