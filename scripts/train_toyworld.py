@@ -8,6 +8,8 @@
     python scripts/train_toyworld.py all --work build/toyworld-train
     python scripts/train_toyworld.py measure --work build/toyworld-train     # numbers for benchmarks/RESULTS.md
     python scripts/train_toyworld.py measure --parts checks                  # only what the tests assert
+    python scripts/train_toyworld.py all --work build/toyworld-exact --autoencoder exact
+                                       # the generator on the exact space-to-depth autoencoder (no VAE stage)
 
 Seeded: the same commands give the same weights on the same machine and library versions.
 Relaunching a stage resumes it from its last checkpoint.
@@ -33,16 +35,24 @@ def main(argv=None) -> int:
     p.add_argument("--ti-steps", type=int, default=600, help="Textual Inversion steps in `measure`")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: chosen per step by measurement)")
     p.add_argument("--parts", nargs="+", default=None, help="measure only these parts: classifier words inversion checks")
+    p.add_argument("--autoencoder", choices=["trained", "exact"], default="trained",
+                   help="the generator's autoencoder: the trained VAE approximation, or exact space-to-depth "
+                        "(fixed per --work dir: a resumed run or its export must name the same)")
     args = p.parse_args(argv)
+    if args.stage == "vae" and args.autoencoder == "exact":
+        p.error("the exact autoencoder has no weights to train; run `generator` and `export` with --autoencoder exact")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     work = Path(args.work)
-    cfg = train.GeneratorTrainConfig(seed=args.seed)
+    cfg = train.GeneratorTrainConfig(seed=args.seed, autoencoder=args.autoencoder)
     if args.steps is not None:
         cfg.steps = args.steps
-    stages = ["classifier", "vae", "generator", "export"] if args.stage == "all" else [args.stage]
+    if args.stage == "all":
+        stages = ["classifier", "vae", "generator", "export"] if args.autoencoder == "trained" else ["classifier", "generator", "export"]
+    else:
+        stages = [args.stage]
     for stage in stages:
         if stage == "generator":
             train.train_generator(work, cfg, threads=args.threads)

@@ -13,6 +13,11 @@ mean and scale), so a tiny one (one downsample, latent_channels 12) is *trained*
 space-to-depth: its encoder regresses ``pixel_unshuffle(x)`` and its decoder inverts it
 (``vae.py``; 26 dB round trip). The UNet is trained on exact ``pixel_unshuffle`` latents, so the two
 trainings are independent.
+
+Issue 14: ``fillup_data.models.space_to_depth.SpaceToDepthAutoencoder`` is that step *exactly*, a
+parameter-free diffusers component with the same interface; ``scripts/train_toyworld.py
+--autoencoder exact`` pairs the generator with it instead of the trained VAE (the default stays
+``trained`` until the shipped weights are retrained).
 """
 
 from __future__ import annotations
@@ -165,16 +170,29 @@ def build_text_encoder(tokenizer):
     return CLIPTextModel(cfg)
 
 
-def build_unet():
+def build_unet(latent_channels: int = LATENT_CHANNELS):
+    """The UNet for an autoencoder with ``latent_channels`` (its in and out channels follow them)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_config(UNET_CONFIG)
+    return UNet2DConditionModel.from_config({**UNET_CONFIG, "in_channels": latent_channels, "out_channels": latent_channels})
 
 
 def build_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_config(VAE_CONFIG)
+
+
+# which autoencoder the generator is paired with: the trained AutoencoderKL approximation (vae.py) or
+# the exact, parameter-free space-to-depth (fillup_data.models.space_to_depth)
+AUTOENCODERS = ("trained", "exact")
+
+
+def build_exact_autoencoder():
+    """Exact space-to-depth at the toyworld's factor and scale: the latents the UNet is trained on."""
+    from fillup_data.models.space_to_depth import SpaceToDepthAutoencoder
+
+    return SpaceToDepthAutoencoder(in_channels=3, downsample_factor=2, scaling_factor=SCALING_FACTOR)
 
 
 def build_scheduler():

@@ -40,6 +40,10 @@ class GeneratorTrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 100
     seed: int = 0
+    # the autoencoder the generator is trained and exported with (tw.AUTOENCODERS): "trained" (the
+    # AutoencoderKL approximation of vae.py) or "exact" (parameter-free space-to-depth). Part of the
+    # resume check: a resumed run cannot switch.
+    autoencoder: str = "trained"
 
 
 class ThreadTuner:
@@ -95,12 +99,39 @@ def _lr_at(cfg: GeneratorTrainConfig, step: int) -> float:
     return cfg.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def batch_for_step(seed: int, step: int, batch_size: int, tokenizer, combos=None):
-    """Pixels-as-latents ``[B, 12, 16, 16]`` (scaled), token ids, and (shape, colour) labels of one step."""
+def batch_for_step(seed: int, step: int, batch_size: int, tokenizer, combos=None, autoencoder=None):
+    """Pixels-as-latents ``[B, 12, 16, 16]`` (scaled), token ids, and (shape, colour) labels of one step.
+
+    Latents: ``autoencoder``'s (scaled by its ``scaling_factor``) when given, the exact one's; without
+    it, exact space-to-depth at ``tw.SCALING_FACTOR``, the target the trained VAE approximates (so
+    with the toyworld's exact autoencoder both give the same numbers).
+    """
     images, captions, labels = world.sample_world(seed * 1_000_003 + step, batch_size, size=tw.RESOLUTION, combos=combos)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    latents = tw.space_to_depth(pixels) * tw.SCALING_FACTOR
+    if autoencoder is None:
+        latents = tw.space_to_depth(pixels) * tw.SCALING_FACTOR
+    else:
+        with torch.no_grad():
+            latents = autoencoder.encode(pixels).latent_dist.mean * autoencoder.config.scaling_factor
     return latents, tw.tokenize(tokenizer, captions), torch.from_numpy(labels)
+
+
+def latent_channels_for(autoencoder: str) -> int:
+    """The UNet's in/out channels for the autoencoder named in a ``GeneratorTrainConfig``."""
+    if autoencoder == "exact":
+        return int(tw.build_exact_autoencoder().config.latent_channels)
+    return int(tw.VAE_CONFIG["latent_channels"])
+
+
+def check_autoencoder(cfg: GeneratorTrainConfig) -> None:
+    if cfg.autoencoder not in tw.AUTOENCODERS:
+        raise FillupError(f"autoencoder {cfg.autoencoder!r} is not one of {', '.join(tw.AUTOENCODERS)}")
+
+
+def recorded_config(state: dict) -> dict:
+    """A resume state's training config, with the defaults of fields added since it was written (a
+    state from before ``autoencoder`` existed was trained for the trained VAE)."""
+    return {"autoencoder": "trained", **state["config"]}
 
 
 def _ema_update(ema: dict[str, torch.Tensor], module_params: dict[str, torch.Tensor], decay: float) -> None:
@@ -141,12 +172,14 @@ def train_generator(
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
+    check_autoencoder(cfg)
     work = Path(work_dir)
     ckpt = work / "generator"
     tokenizer = tw.build_tokenizer()
+    exact = tw.build_exact_autoencoder() if cfg.autoencoder == "exact" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        unet = tw.build_unet()
+        unet = tw.build_unet(latent_channels_for(cfg.autoencoder))
         text_encoder = tw.build_text_encoder(tokenizer)
     unet.train()
     text_encoder.train()
@@ -162,9 +195,12 @@ def train_generator(
         state = json.loads((ckpt / "state.json").read_text())
         # ``steps`` may change on resume (lengthen or cut a run: only the cosine tail moves); nothing else may
         mine = {k: v for k, v in asdict(cfg).items() if k != "steps"}
-        theirs = {k: v for k, v in state["config"].items() if k != "steps"}
+        theirs = {k: v for k, v in recorded_config(state).items() if k != "steps"}
         if mine != theirs:
-            raise FillupError(f"{ckpt}: resume state was made with another config {state['config']}; use another --work dir")
+            diff = ", ".join(f"{k}: {theirs.get(k)!r} in the state, {mine.get(k)!r} now"
+                             for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+            raise FillupError(f"{ckpt}: resume state was made with another config ({diff}); "
+                              "relaunch with the state's settings or use another --work dir")
         tensors = load_file(str(ckpt / "weights.safetensors"))
         unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
         text_encoder.load_state_dict({k[13:]: v for k, v in tensors.items() if k.startswith("text_encoder.")})
@@ -181,7 +217,7 @@ def train_generator(
         running, t_start = [], time.time()
         while step < cfg.steps:
             tuner.before_step(step)
-            latents, ids, _ = batch_for_step(cfg.seed, step, cfg.batch_size, tokenizer)
+            latents, ids, _ = batch_for_step(cfg.seed, step, cfg.batch_size, tokenizer, autoencoder=exact)
             g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
             noise = torch.randn(latents.shape, generator=g)
             t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
