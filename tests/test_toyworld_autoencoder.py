@@ -224,3 +224,27 @@ def test_an_unknown_autoencoder_is_refused_by_name(tmp_path):
 
     with pytest.raises(FillupError, match="autoencoder 'vq' is not one of trained, exact"):
         train_generator(tmp_path, GeneratorTrainConfig(steps=1, autoencoder="vq"), progress=False, threads=1)
+
+
+def _train_toyworld_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_toyworld.py"
+    spec = importlib.util.spec_from_file_location("train_toyworld_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_flag_trains_and_exports_on_the_exact_autoencoder(tmp_path, restore_threads, capsys):
+    script = _train_toyworld_script()
+    work, out = tmp_path / "work", tmp_path / "pipeline"
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["vae", "--autoencoder", "exact", "--work", str(work)])
+    assert exit_info.value.code == 2 and "no weights to train" in capsys.readouterr().err
+    common = ["--work", str(work), "--steps", "1", "--threads", "1", "--autoencoder", "exact"]
+    assert script.main(["generator", *common]) == 0
+    assert script.main(["export", *common, "--out", str(out)]) == 0
+    assert not (work / "vae").exists()
+    assert json.loads((out / "model_index.json").read_text())["vae"] == [MODULE, "SpaceToDepthAutoencoder"]
