@@ -138,6 +138,20 @@ def test_tokenizer_makes_every_world_word_one_token_and_tokenizes_anything():
     assert tw.tokenize(tok, ["", "a red circle"]).shape == (2, 77)
 
 
+def test_the_tokenizer_built_from_code_is_the_shipped_one():
+    """toyworld's tokenizer comes from the package's one CLIP tokenizer builder; its vocabulary ids are what
+    the shipped text encoder's embedding rows mean, so they must not move."""
+    from transformers import AutoTokenizer
+
+    from fillup_data.toyworld import model as tw
+    from fillup_data.toyworld.export import default_pipeline_dir
+
+    built, shipped = tw.build_tokenizer(), AutoTokenizer.from_pretrained(default_pipeline_dir() / "tokenizer")
+    assert built.get_vocab() == shipped.get_vocab()
+    for text in ("a photo of a purple square", "a rendering of a <x> object", "zebra, 42 ünïcode", ""):
+        assert built(text).input_ids == shipped(text).input_ids, text
+
+
 def test_bpe_merges_reproduce_single_tokens_even_for_overlapping_words():
     from fillup_data.toyworld.model import train_bpe_merges
 

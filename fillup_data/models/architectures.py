@@ -55,12 +55,25 @@ def _merges_for(word: str) -> list[tuple[str, str]]:
     return merges
 
 
-def build_clip_tokenizer(tok_cfg: dict[str, Any]):
-    """A CLIP BPE tokenizer built from code (no vocab.json download).
+def merges_for_words(words: list[str]) -> list[tuple[str, str]]:
+    """Left-to-right merges that make each of ``words`` one token (no duplicates, first use kept)."""
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for word in words:
+        for pair in _merges_for(word):
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+    return merges
+
+
+def build_clip_tokenizer(tok_cfg: dict[str, Any], merges: list[tuple[str, str]] | None = None):
+    """A CLIP BPE tokenizer built from code (no vocab.json download); the one builder of the package
+    (the tiny test models, the CLIP scorer's tiny model and toyworld, which passes its trained merges).
 
     The vocabulary is the 256 byte-level symbols, each also with ``</w>`` (so any text tokenizes),
-    plus merges that make each listed word one token (the TI init word "object" must be a single
-    token), plus ``<|startoftext|>``/``<|endoftext|>`` last, as in CLIP.
+    then one token per merge (default: merges that make each of ``tok_cfg["words"]`` one token -- the TI
+    init word "object" must be a single token), then ``<|startoftext|>``/``<|endoftext|>`` last, as in CLIP.
     """
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
@@ -71,16 +84,10 @@ def build_clip_tokenizer(tok_cfg: dict[str, Any]):
         vocab[sym] = len(vocab)
     for sym in alphabet:
         vocab[sym + "</w>"] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for word in tok_cfg.get("words", []):
-        for a, b in _merges_for(word):
-            if (a, b) in seen:
-                continue
-            seen.add((a, b))
-            merges.append((a, b))
-            if a + b not in vocab:
-                vocab[a + b] = len(vocab)
+    if merges is None:
+        merges = merges_for_words(tok_cfg.get("words", []))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     return CLIPTokenizer(

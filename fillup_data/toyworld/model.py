@@ -140,21 +140,12 @@ def train_bpe_merges(words: list[str]) -> list[tuple[str, str]]:
 
 
 def build_tokenizer():
-    """CLIP BPE tokenizer built from code: the 256 byte-level symbols (with and without ``</w>``, so
-    any text tokenizes), BPE merges that make every world word one token, then the CLIP specials."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
+    """CLIP BPE tokenizer built from code (``models.architectures.build_clip_tokenizer``): the 256
+    byte-level symbols (with and without ``</w>``, so any text tokenizes), BPE merges trained on the world's
+    words so that every one is a single token, then the CLIP specials."""
+    from fillup_data.models.architectures import build_clip_tokenizer
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for sym in alphabet + [a + "</w>" for a in alphabet]:
-        vocab[sym] = len(vocab)
-    merges = train_bpe_merges(world.world_words())
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    for special in (TOKENIZER_CONFIG["bos_token"], TOKENIZER_CONFIG["eos_token"]):
-        vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, **TOKENIZER_CONFIG)
+    return build_clip_tokenizer(TOKENIZER_CONFIG, train_bpe_merges(world.world_words()))
 
 
 def build_text_encoder(tokenizer):
