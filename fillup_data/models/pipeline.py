@@ -10,6 +10,7 @@ for the image-to-image strategies), checked first against the ``_class_name`` of
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 from pathlib import Path
@@ -41,15 +42,28 @@ def cache_dir() -> Path:
     return base / "models"
 
 
+# The shipped toyworld pipeline folder (``builtin:toyworld``); models owns where it lies, and the toyworld
+# package (training, export, evaluation) imports it from here -- never the other way round.
+TOYWORLD_DIR = Path(__file__).resolve().parent / "toyworld"
+
+
+def toyworld_dir() -> Path:
+    """The shipped toyworld pipeline folder, checked to be there."""
+    if not (TOYWORLD_DIR / "model_index.json").is_file():
+        raise FillupError(
+            f"{TOYWORLD_DIR}: the toyworld weights are missing from this installation; "
+            "reinstall fillup-data or run `python scripts/train_toyworld.py all`"
+        )
+    return TOYWORLD_DIR
+
+
 def resolve_model(model: str) -> str:
     """Map ``builtin:*`` aliases to a local folder (building it once, rebuilding it when its content
     check fails); pass anything else through."""
     if not model.startswith("builtin:"):
         return model
     if model == "builtin:toyworld":  # trained weights shipped inside the package (issue 6)
-        from fillup_data.toyworld import pipeline_dir
-
-        return str(pipeline_dir())
+        return str(toyworld_dir())
     if model not in BUILTIN_MODELS:
         raise FillupError(
             f"generator.model: unknown built-in model {model!r}; available: "
@@ -148,7 +162,7 @@ def load_pipeline(
 
     # diffusers resolves a model_index.json component outside diffusers/transformers from sys.modules
     # only: the package's own exact autoencoder must be imported before a folder naming it loads
-    import fillup_data.models.space_to_depth  # noqa: F401
+    importlib.import_module("fillup_data.models.space_to_depth")
 
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)

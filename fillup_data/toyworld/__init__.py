@@ -8,24 +8,9 @@ folder (``fillup_data/models/toyworld``) that loads with ``StableDiffusionPipeli
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from fillup_data.toyworld.export import default_pipeline_dir
+from fillup_data.models.pipeline import toyworld_dir as pipeline_dir
 
 ALIAS = "builtin:toyworld"
-
-
-def pipeline_dir() -> Path:
-    """The shipped pipeline folder, checked to be there."""
-    from fillup_data.errors import FillupError
-
-    path = default_pipeline_dir()
-    if not (path / "model_index.json").is_file():
-        raise FillupError(
-            f"{path}: the toyworld weights are missing from this installation; "
-            "reinstall fillup-data or run `python scripts/train_toyworld.py all`"
-        )
-    return path
 
 
 def load_toyworld(device: str = "cpu", scheduler: str = "ddim"):

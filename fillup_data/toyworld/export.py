@@ -18,7 +18,9 @@ INFO_NAME = "fillup_toyworld.json"
 
 def default_pipeline_dir() -> Path:
     """The package's pipeline folder (``builtin:toyworld`` resolves here)."""
-    return Path(__file__).resolve().parent.parent / "models" / "toyworld"
+    from fillup_data.models.pipeline import TOYWORLD_DIR
+
+    return TOYWORLD_DIR
 
 
 def export_pipeline(work_dir, cfg, out: str | Path | None = None, dtype: torch.dtype = torch.float16) -> Path:
