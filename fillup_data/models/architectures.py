@@ -131,6 +131,16 @@ def count_parameters(config_set: str) -> dict[str, int]:
     }
 
 
+def assemble_text_to_image(unet, vae, text_encoder, tokenizer, scheduler):
+    """A stock ``StableDiffusionPipeline`` of these modules with no safety checker: the one assembler of
+    the package's own text-to-image pipelines (the random tiny/SD 1.5 ones here, toyworld's)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
 def build_random_pipeline(config_set: str = "sd15", path: str | os.PathLike | None = None, seed: int = 0):
     """A StableDiffusionPipeline of the ``config_set`` architecture with seeded random weights.
 
@@ -138,7 +148,7 @@ def build_random_pipeline(config_set: str = "sd15", path: str | os.PathLike | No
     GPU benchmarks; ``tiny`` is the test/demo model. With ``path`` the pipeline is also saved there
     (``save_pretrained`` layout). The caller's global RNG state is left untouched.
     """
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
 
     if config_set in IMAGE_PIPELINE_SETS:
         return _build_image_pipeline(config_set, path, seed)
@@ -148,16 +158,7 @@ def build_random_pipeline(config_set: str = "sd15", path: str | os.PathLike | No
     tokenizer = build_clip_tokenizer(load_component_config(config_set, "tokenizer"))
     # from_config, like from_pretrained, keeps keys other schedulers use (clip_sample for DDIM)
     scheduler = PNDMScheduler.from_config(load_component_config(config_set, "scheduler"))
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_text_to_image(unet, vae, text_encoder, tokenizer, scheduler)
     if path is not None:
         pipe.save_pretrained(str(path), safe_serialization=True)
     return pipe

@@ -193,19 +193,11 @@ def build_scheduler():
 
 
 def build_pipeline(unet, vae, text_encoder, tokenizer):
-    """Assemble the stock StableDiffusionPipeline (no safety checker: the world has nothing to hide)."""
-    from diffusers import StableDiffusionPipeline
+    """The stock StableDiffusionPipeline (no safety checker: the world has nothing to hide), through the
+    package's one assembler (``models.architectures.assemble_text_to_image``)."""
+    from fillup_data.models.architectures import assemble_text_to_image
 
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_text_to_image(unet, vae, text_encoder, tokenizer, build_scheduler())
 
 
 def space_to_depth(pixels: torch.Tensor) -> torch.Tensor:
