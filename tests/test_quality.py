@@ -114,14 +114,14 @@ def test_scores_are_new_index_columns_and_shards_stay_byte_identical(builds):
 def test_real_similarity_is_the_max_cosine_to_the_class_real_images(builds):
     """Recompute from the CLIP model itself: the stored column is the maximum, the key is its argmax."""
     from fillup_data.quality.clip_model import load_clip
-    from fillup_data.shards.figures import _read_image
+    from fillup_data.shards.index_parquet import read_stored_image
 
     _, scored = builds
     rows = pq.read_table(scored / "index.parquet").to_pylist()
     clip = load_clip("builtin:tiny-clip", "cpu")
     syn = next(r for r in rows if r["is_synthetic"])
     real = [r for r in rows if r["label"] == syn["label"] and not r["is_synthetic"] and r["split"] == "train"]
-    feats = clip.image_features([_read_image(scored, r) for r in [syn, *real]]).numpy().astype(np.float64)
+    feats = clip.image_features([read_stored_image(scored, r) for r in [syn, *real]]).numpy().astype(np.float64)
     sims = feats[1:] @ feats[0]
     assert syn["real_similarity"] == pytest.approx(sims.max(), abs=1e-5)
     assert syn["nearest_real_key"] == real[int(sims.argmax())]["key"]
@@ -346,3 +346,24 @@ def test_manifest_refuses_report_files_outside_quality(reported, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(FillupError, match=r"quality.files\[\d+\] is not a file under quality/"):
         Manifest.read(path)
+
+
+def test_a_stored_image_that_is_missing_or_damaged_is_named(builds, tmp_path):
+    """The one reader of an image at its index offset (score, the report, the card's figures, the image
+    strategies) names the shard and the sample instead of raising a decoder's traceback."""
+    from fillup_data.errors import FillupError
+    from fillup_data.shards.index_parquet import read_stored_image
+
+    pristine, _ = builds
+    row = pq.read_table(pristine / "index.parquet").to_pylist()[0]
+    assert read_stored_image(pristine, row).mode == "RGB"
+    out = copy_of(pristine, tmp_path)
+    shard = out / row["shard"]
+    data = bytearray(shard.read_bytes())
+    data[row["image_offset"]:row["image_offset"] + row["image_size"]] = b"\0" * row["image_size"]
+    shard.write_bytes(bytes(data))
+    with pytest.raises(FillupError, match=rf"{shard}: the image of sample {row['key']} does not decode"):
+        read_stored_image(out, row)
+    shard.unlink()
+    with pytest.raises(FillupError, match=rf"{shard}: cannot read the image of sample {row['key']}"):
+        read_stored_image(out, row)

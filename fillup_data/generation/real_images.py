@@ -54,7 +54,7 @@ def from_source(recipe, plan, out: Path | None = None, token_files=None) -> Stra
 def _from_rows(folder: Path, rows: list[dict], num_classes: int, where_listed: str, token_files=None,
                missing_hint: str = "") -> StrategyContext:
     """Keys (per class, in key order) and a loader reading each image at its recorded offset in its shard."""
-    from PIL import Image
+    from fillup_data.shards.index_parquet import read_stored_image
 
     where = {}
     keys: list[list[str]] = [[] for _ in range(num_classes)]
@@ -68,14 +68,7 @@ def _from_rows(folder: Path, rows: list[dict], num_classes: int, where_listed: s
     def load(key: str):
         if key not in where:
             raise FillupError(f"{where_listed}: no real training sample {key!r}{missing_hint}")
-        r = where[key]
-        try:
-            with open(folder / r["shard"], "rb") as f:
-                f.seek(r["image_offset"])
-                data = f.read(r["image_size"])
-            return Image.open(io.BytesIO(data)).convert("RGB")
-        except (OSError, ValueError) as err:
-            raise FillupError(f"{folder / r['shard']}: cannot read the real image {key} ({err})") from None
+        return read_stored_image(folder, where[key])
 
     return StrategyContext(out=folder, token_files=dict(token_files or {}), real_keys=keys, load_real=load)
 

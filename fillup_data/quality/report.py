@@ -24,6 +24,7 @@ from fillup_data.quality.shard_scores import read_shard_scores
 from fillup_data.schema.groups import GROUPS
 from fillup_data.schema.manifest import Manifest
 from fillup_data.schema.scores import SCORE_BY_NAME, SCORE_NAMES
+from fillup_data.shards.index_parquet import read_stored_image
 
 QUALITY_DIR = "quality"
 REPORT = f"{QUALITY_DIR}/README.md"
@@ -137,12 +138,6 @@ def _thumb(image: Image.Image) -> Image.Image:
     return image.resize((_THUMB, _THUMB), Image.NEAREST if s * 2 <= _THUMB else Image.BICUBIC)
 
 
-def _read_image(out: Path, row: dict) -> Image.Image:
-    with open(out / row["shard"], "rb") as f:
-        f.seek(row["image_offset"])
-        return Image.open(io.BytesIO(f.read(row["image_size"]))).convert("RGB")
-
-
 def _grid(out: Path, rows_of_images: list[list[dict]], path: Path) -> None:
     """One row of thumbnails per list (grey where a row is short), 4 px gaps; no text, so no font."""
     n = max((len(r) for r in rows_of_images), default=0) or 1
@@ -150,7 +145,7 @@ def _grid(out: Path, rows_of_images: list[list[dict]], path: Path) -> None:
     canvas = Image.new("RGB", (n * (_THUMB + gap) + gap, len(rows_of_images) * (_THUMB + gap) + gap), (255, 255, 255))
     for y, row in enumerate(rows_of_images):
         for x in range(n):
-            tile = _thumb(_read_image(out, row[x])) if x < len(row) else Image.new("RGB", (_THUMB, _THUMB), (230,) * 3)
+            tile = _thumb(read_stored_image(out, row[x])) if x < len(row) else Image.new("RGB", (_THUMB, _THUMB), (230,) * 3)
             canvas.paste(tile, (gap + x * (_THUMB + gap), gap + y * (_THUMB + gap)))
     _save_png(canvas, path)
 

@@ -9,7 +9,6 @@ features; then the index is rewritten atomically and the manifest records what s
 from __future__ import annotations
 
 import hashlib
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,18 +103,11 @@ def _shard_file(out: Path, manifest: Manifest, shard: str) -> tuple[Path, str]:
 
 
 def _images(path: Path, rows: list[dict]):
-    from PIL import Image
+    from fillup_data.shards.index_parquet import read_stored_image
 
-    with open(path, "rb") as f:
-        for r in rows:
-            f.seek(r["image_offset"])
-            data = f.read(r["image_size"])
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    yield im.convert("RGB")
-            except Exception as err:  # noqa: BLE001 - any decoder error: the stored image is damaged
-                raise FillupError(f"{path}: the image of sample {r['key']} does not decode ({err}); run "
-                                  f"`fillup-data inspect {path.parent.parent}` and relaunch the build") from None
+    folder = path.parent.parent  # rows name their shard as data/NAME.tar, relative to the build
+    for r in rows:
+        yield read_stored_image(folder, r)
 
 
 def _score_shard(path: Path, rows: list[dict], clip, text: torch.Tensor, classifier, device, batch_size: int,

@@ -5,12 +5,11 @@ Samples are read straight from the tars through ``index.parquet`` byte offsets: 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from PIL import Image
 
 from fillup_data.schema.groups import DEFAULT_FEW_BELOW, DEFAULT_MANY_ABOVE, GROUPS
+from fillup_data.shards.index_parquet import read_stored_image
 
 DISTRIBUTION_PNG = "assets/class_distribution.png"
 SAMPLES_PNG = "assets/samples.png"
@@ -49,12 +48,6 @@ def plot_distribution(manifest: dict, path: Path) -> Path:
     return path
 
 
-def _read_image(out: Path, row: dict) -> Image.Image:
-    with open(out / row["shard"], "rb") as f:
-        f.seek(row["image_offset"])
-        return Image.open(io.BytesIO(f.read(row["image_size"]))).convert("RGB")
-
-
 def pick_classes(manifest: dict, per_group: int = 2) -> list[int]:
     """A few head, medium and tail classes (largest first within each group)."""
     picked = []
@@ -79,8 +72,8 @@ def sample_grid(out: Path, manifest: dict, path: Path, per_side: int = 4, cell: 
         if r["split"] == "train":
             by.setdefault((r["label"], r["is_synthetic"]), []).append(r)
     classes = pick_classes(manifest)
-    real = {c: [_read_image(out, r) for r in by.get((c, False), [])[:per_side]] for c in classes} if include_real else {}
-    synthetic = {c: [_read_image(out, r) for r in by.get((c, True), [])[: per_side * (1 if include_real else 2)]]
+    real = {c: [read_stored_image(out, r) for r in by.get((c, False), [])[:per_side]] for c in classes} if include_real else {}
+    synthetic = {c: [read_stored_image(out, r) for r in by.get((c, True), [])[: per_side * (1 if include_real else 2)]]
                  for c in classes}
     names = [f"{c['name']} ({c['group']}, {c['real']})" for c in sorted(manifest["classes"], key=lambda c: c["index"])]
     return preview_grid(real, synthetic, names, path, thumb=cell)

@@ -69,3 +69,27 @@ def index_row(record, shard_path: str, split: str, metadata: dict, retries: int 
     }
     row.update({k: metadata[k] for k in sample_schema.METADATA_KEYS})
     return row
+
+
+def read_stored_image(folder: Path, row: dict):
+    """The image of an index row (``shard``, ``image_offset``, ``image_size``, ``key``) as RGB, read with
+    one seek from its tar; a missing shard or an image that does not decode is an error naming the shard
+    and the sample."""
+    import io
+
+    from PIL import Image
+
+    path = Path(folder) / row["shard"]
+    try:
+        with open(path, "rb") as f:
+            f.seek(row["image_offset"])
+            data = f.read(row["image_size"])
+    except OSError as err:
+        raise FillupError(f"{path}: cannot read the image of sample {row.get('key')} ({err.strerror or err}); "
+                          "relaunch the build to rewrite the shard, or fetch it again") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - any decoder error: the stored image is damaged
+        raise FillupError(f"{path}: the image of sample {row.get('key')} does not decode ({err}); run "
+                          f"`fillup-data inspect {Path(folder)}` and relaunch the build") from None
