@@ -69,18 +69,24 @@ def language_model_prompts(lm, cfg, class_name: str, seed: int) -> tuple[list[st
 
     prompts: list[str] = []
     empty = 0
+
+    def take(texts: list[str]) -> None:
+        """Keep non-empty texts in order until there are n; count the empty ones passed over."""
+        nonlocal empty
+        for t in texts:
+            if len(prompts) == n:
+                return
+            if t:
+                prompts.append(t)
+            else:
+                empty += 1
+
     with torch.random.fork_rng(devices=_rng_devices(lm.device)):
         torch.manual_seed(seed)
         if cfg.decoding == "beam":
             beams = settings["num_beams"]
             out = lm.model.generate(**enc, do_sample=False, num_beams=beams, num_return_sequences=beams, **common)
-            for t in decode(out):  # best beam first
-                if len(prompts) == n:
-                    break
-                if t:
-                    prompts.append(t)
-                else:
-                    empty += 1
+            take(decode(out))  # best beam first
         else:
             per_call = settings["sequences_per_call"]
             drawn = 0
@@ -88,13 +94,7 @@ def language_model_prompts(lm, cfg, class_name: str, seed: int) -> tuple[list[st
                 out = lm.model.generate(**enc, do_sample=True, top_p=cfg.top_p, top_k=cfg.top_k, num_beams=1,
                                         num_return_sequences=per_call, **common)
                 drawn += per_call
-                for t in decode(out):
-                    if len(prompts) == n:
-                        break
-                    if t:
-                        prompts.append(t)
-                    else:
-                        empty += 1
+                take(decode(out))
     if len(prompts) < n:
         raise FillupError(f"generator.language_model: {cfg.model!r} gave {empty} empty outputs for class "
                           f"{class_name!r} and only {len(prompts)} of the {n} prompts asked for; check "

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -218,13 +216,6 @@ def builder_identity(config_set: str) -> str:
     return h.hexdigest()
 
 
-def _file_digests(root: Path) -> dict[str, str]:
-    from fillup_data.shards.writer import sha256_file
-
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != BUILTIN_RECORD}
-
-
 def builtin_folder_is_intact(dest: Path, config_set: str, seed: int) -> bool:
     """True when ``dest`` was built by this builder from these configs and seed, and every file it
     recorded still has its recorded sha256 (a truncated or corrupted weight file fails)."""
@@ -249,30 +240,12 @@ def save_random_pipeline_atomically(config_set: str, dest: Path, seed: int) -> P
     builder never leaves a half-written model where ``from_pretrained`` would find it.  A folder
     already at ``dest`` (stale or damaged) is moved aside first and deleted."""
     from fillup_data import __version__
-    from fillup_data.state import write_json_atomic
+    from fillup_data.models.built_folder import install_built_folder
 
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    aside = dest.with_name(f".{dest.name}.stale-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
+    def build_into(tmp: Path) -> dict:
         build_random_pipeline(config_set, tmp, seed)
-        write_json_atomic(tmp / BUILTIN_RECORD, {
-            "config_set": config_set, "seed": seed, "builder": builder_identity(config_set),
-            "builder_version": BUILDER_VERSION, "package_version": __version__, "files": _file_digests(tmp)})
-        if dest.exists():
-            try:
-                os.rename(dest, aside)
-            except FileNotFoundError:  # another process moved it first
-                pass
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            # another process finished first: its copy is byte-identical, keep it
-            if not builtin_folder_is_intact(dest, config_set, seed):
-                raise
-    finally:
-        for leftover in (tmp, aside):
-            if leftover.exists():
-                shutil.rmtree(leftover, ignore_errors=True)
-    return dest
+        return {"config_set": config_set, "seed": seed, "builder": builder_identity(config_set),
+                "builder_version": BUILDER_VERSION, "package_version": __version__}
+
+    return install_built_folder(Path(dest), build_into, BUILTIN_RECORD,
+                                lambda d: builtin_folder_is_intact(d, config_set, seed))

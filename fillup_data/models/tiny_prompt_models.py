@@ -12,12 +12,11 @@ expects.  A cached folder is reused while its record (builder version, every fil
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from fillup_data.models.built_folder import folder_digests
 
 # Bump when what a builder writes changes: cached folders made by older code are rebuilt.
 BUILDER_VERSION = 1
@@ -103,13 +102,6 @@ def _identity(alias: str) -> str:
                           f"{transformers.__version__}".encode()).hexdigest()
 
 
-def _digests(root: Path) -> dict[str, str]:
-    from fillup_data.shards.writer import sha256_file
-
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != RECORD}
-
-
 def is_intact(dest: Path, alias: str) -> bool:
     """``dest`` was built by this builder and every file it recorded still has its sha256."""
     from fillup_data.state import read_json_record
@@ -117,7 +109,7 @@ def is_intact(dest: Path, alias: str) -> bool:
     record = read_json_record(Path(dest) / RECORD)
     if record is None or record.get("builder") != _identity(alias) or not isinstance(record.get("files"), dict):
         return False
-    return bool(record["files"]) and record["files"] == _digests(Path(dest))
+    return bool(record["files"]) and record["files"] == folder_digests(Path(dest), RECORD)
 
 
 def build_tiny_prompt_model(alias: str, path: Path) -> None:
@@ -133,29 +125,14 @@ def build_tiny_prompt_model(alias: str, path: Path) -> None:
 def tiny_prompt_model_folder(alias: str, cache: Path) -> Path:
     """The folder of ``alias`` under ``cache``, built once (atomically: a temporary sibling renamed into
     place, so a crash or a concurrent builder never leaves half a model where ``from_pretrained`` looks)."""
-    from fillup_data.state import write_json_atomic
+    from fillup_data.models.built_folder import install_built_folder
 
     dest = Path(cache) / TINY_PROMPT_MODELS[alias][1]
     if is_intact(dest, alias):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    aside = dest.with_name(f".{dest.name}.stale-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
+
+    def build_into(tmp: Path) -> dict:
         build_tiny_prompt_model(alias, tmp)
-        write_json_atomic(tmp / RECORD, {"alias": alias, "builder": _identity(alias), "files": _digests(tmp)})
-        if dest.exists():
-            try:
-                os.rename(dest, aside)
-            except FileNotFoundError:  # another process moved it first
-                pass
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process finished first: its copy is the same model
-            if not is_intact(dest, alias):
-                raise
-    finally:
-        for leftover in (tmp, aside):
-            if leftover.exists():
-                shutil.rmtree(leftover, ignore_errors=True)
-    return dest
+        return {"alias": alias, "builder": _identity(alias)}
+
+    return install_built_folder(dest, build_into, RECORD, lambda d: is_intact(d, alias))

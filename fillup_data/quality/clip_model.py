@@ -7,12 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from fillup_data.models.built_folder import folder_digests
 
 from fillup_data.errors import FillupError
 
@@ -50,18 +50,11 @@ def _builder_identity() -> str:
     return hashlib.sha256(json.dumps([TINY_CLIP_CONFIG, TINY_CLIP_SEED], sort_keys=True).encode()).hexdigest()
 
 
-def _digests(root: Path) -> dict[str, str]:
-    from fillup_data.shards.writer import sha256_file
-
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != TINY_CLIP_RECORD}
-
-
 def _tiny_clip_is_intact(dest: Path) -> bool:
     from fillup_data.state import read_json_record
 
     record = read_json_record(dest / TINY_CLIP_RECORD)
-    return bool(record) and record.get("builder") == _builder_identity() and record.get("files") == _digests(dest)
+    return bool(record) and record.get("builder") == _builder_identity() and record.get("files") == folder_digests(dest, TINY_CLIP_RECORD)
 
 
 def _save_tiny_clip_atomically(dest: Path) -> None:
@@ -69,12 +62,9 @@ def _save_tiny_clip_atomically(dest: Path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from fillup_data.models.architectures import build_clip_tokenizer, load_component_config
-    from fillup_data.state import write_json_atomic
+    from fillup_data.models.built_folder import install_built_folder
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    aside = dest.with_name(f".{dest.name}.stale-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
+    def build_into(tmp: Path) -> dict:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_CLIP_SEED)
             model = CLIPModel(CLIPConfig(**TINY_CLIP_CONFIG))
@@ -84,18 +74,9 @@ def _save_tiny_clip_atomically(dest: Path) -> None:
             tokenizer=build_clip_tokenizer(load_component_config("tiny", "tokenizer")))
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        write_json_atomic(tmp / TINY_CLIP_RECORD, {"builder": _builder_identity(), "files": _digests(tmp)})
-        if dest.exists():
-            os.rename(dest, aside)
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process finished first with the same bytes
-            if not _tiny_clip_is_intact(dest):
-                raise
-    finally:
-        for leftover in (tmp, aside):
-            if leftover.exists():
-                shutil.rmtree(leftover, ignore_errors=True)
+        return {"builder": _builder_identity()}
+
+    install_built_folder(dest, build_into, TINY_CLIP_RECORD, _tiny_clip_is_intact)
 
 
 def state_digest(module: torch.nn.Module, *extra: str) -> str:
