@@ -80,6 +80,9 @@ class DemoSource(_SourceCommon):
     min_images: int = Field(5, ge=1)
     test_per_class: int = Field(20, ge=0)
     image_size: int = Field(32, ge=16, le=512)
+    # the harder backgrounds of fillup_data.world (more background colours, stronger textures, small
+    # distractor shapes): the miniature experiment's, so that many-shot classes are not solved outright
+    hard_backgrounds: bool = False
 
     @model_validator(mode="after")
     def _check_range(self) -> "DemoSource":

@@ -32,6 +32,22 @@ BACKGROUNDS = {
 }
 TEXTURES = ("blocky", "stripes", "pixel")
 
+# Harder backgrounds (``draw(..., hard=True)``; the miniature experiment's real images, and a share of
+# the generator's pretraining so it can draw them): four more background colours, each near a shape
+# colour's hue (maroon~red, olive~yellow, teal~cyan, plum~purple), textures 1.6x as strong, and 1-3
+# small distractor shapes of other (shape, colour) pairs ("clutter") under the class's shape. The
+# distractors are at most 0.13 of the image wide against the class shape's 0.17-0.33, so the label
+# stays the largest shape; a caption names such a background "cluttered".
+HARD_BACKGROUNDS = {
+    "maroon": (110, 30, 30),
+    "olive": (95, 95, 25),
+    "teal": (20, 95, 100),
+    "plum": (85, 40, 95),
+}
+HARD_TEXTURE_STRENGTH = 1.6
+CLUTTER_RADIUS = (0.07, 0.13)
+CLUTTER_WORD = "cluttered"
+
 _SUPERSAMPLE = 4
 
 
@@ -104,7 +120,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _background(rng: np.random.Generator, size: int, base: tuple[int, int, int], texture: str) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, base: tuple[int, int, int], texture: str,
+                strength: float = 1.0) -> np.ndarray:
     base_arr = np.array(base, dtype=np.float32)
     if texture == "blocky":
         cells = int(rng.integers(3, 7))
@@ -119,17 +136,51 @@ def _background(rng: np.random.Generator, size: int, base: tuple[int, int, int],
         field = (wave[..., None] * rng.uniform(18.0, 35.0)).astype(np.float32)
     else:  # pixel noise
         field = rng.normal(0.0, 22.0, size=(size, size, 3)).astype(np.float32)
-    return np.clip(base_arr + field, 0, 255)
+    return np.clip(base_arr + field * strength, 0, 255)
 
 
-def draw(shape: str, colour: str, seed: int | np.random.SeedSequence, size: int = 32) -> tuple[Image.Image, dict]:
-    """Draw one image of (shape, colour) and return it with its nuisance attributes."""
+def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, rot: float) -> np.ndarray:
+    """Coverage ``[size, size, 1]`` in [0, 1] of a shape drawn at ``_SUPERSAMPLE`` times the size."""
+    big = size * _SUPERSAMPLE
+    mask = Image.new("L", (big, big), 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, cx, cy, r, rot, 255)
+    return np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float32)[..., None] / 255.0
+
+
+def _clutter(rng: np.random.Generator, shape: str, colour: str, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """1-3 distractors ``(mask, fill)``: small shapes of any (shape, colour) pair but the class's own."""
+    big = size * _SUPERSAMPLE
+    others = [(s, c) for s in SHAPES for c in COLOURS if (s, c) != (shape, colour)]
+    out = []
+    for _ in range(int(rng.integers(1, 4))):
+        s, c = others[int(rng.integers(len(others)))]
+        r = big * rng.uniform(*CLUTTER_RADIUS)
+        cx, cy = rng.uniform(r, big - r, size=2)
+        fill = np.clip(np.array(COLOURS[c]) + rng.integers(-18, 19, size=3), 0, 255).astype(np.float32)
+        out.append((_shape_mask(s, size, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill[None, None, :]))
+    return out
+
+
+def draw(shape: str, colour: str, seed: int | np.random.SeedSequence, size: int = 32, hard: bool = False) -> tuple[Image.Image, dict]:
+    """Draw one image of (shape, colour) and return it with its nuisance attributes.
+
+    ``hard``: the harder backgrounds (``HARD_BACKGROUNDS``, stronger textures, clutter). Its extra
+    draws come from a child of the image's seed, so ``hard=False`` images are the same pixels as before
+    the option existed.
+    """
     rng = np.random.default_rng(seed)
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
     texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
     big = size * _SUPERSAMPLE
     bg_jitter = rng.integers(-12, 13, size=3)
-    bg = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(BACKGROUNDS[background], bg_jitter))
+    clutter = []
+    if hard:
+        hrng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
+        palette = {**BACKGROUNDS, **HARD_BACKGROUNDS}
+        background = list(palette)[int(hrng.integers(len(palette)))]
+        clutter = _clutter(hrng, shape, colour, size)
+    base = {**BACKGROUNDS, **HARD_BACKGROUNDS}[background]
+    bg = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(base, bg_jitter))
     r = big * rng.uniform(0.17, 0.33)
     margin = r * 1.3
     cx = rng.uniform(margin, big - margin)
@@ -137,15 +188,15 @@ def draw(shape: str, colour: str, seed: int | np.random.SeedSequence, size: int 
     rot = rng.uniform(0, 2 * math.pi)
     jitter = rng.integers(-18, 19, size=3)
     fill = tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(COLOURS[colour], jitter))
-    mask = Image.new("L", (big, big), 0)
-    _draw_shape(ImageDraw.Draw(mask), shape, cx, cy, r, rot, 255)
-    small_mask = np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float32)[..., None] / 255.0
-    back = _background(rng, size, bg, texture)
+    small_mask = _shape_mask(shape, size, cx, cy, r, rot)
+    back = _background(rng, size, bg, texture, strength=HARD_TEXTURE_STRENGTH if hard else 1.0)
+    for m, f in clutter:
+        back = back * (1 - m) + f * m
     fg = np.array(fill, dtype=np.float32)[None, None, :]
     img = back * (1 - small_mask) + fg * small_mask
     img = img + rng.normal(0.0, 4.0, size=img.shape)
     arr = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    meta = {"shape": shape, "colour": colour, "background": background, "texture": texture}
+    meta = {"shape": shape, "colour": colour, "background": background, "texture": texture, "clutter": len(clutter)}
     return Image.fromarray(arr, "RGB"), meta
 
 
@@ -198,7 +249,8 @@ CAPTION_PREFIXES = (
 
 def world_words() -> list[str]:
     """Every word a caption can contain (the toyworld tokenizer makes each one token)."""
-    words = set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | {GENERIC_SHAPE, "a", "an", "on", "background"}
+    words = set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | set(HARD_BACKGROUNDS)
+    words |= {GENERIC_SHAPE, CLUTTER_WORD, "a", "an", "on", "background"}
     for prefix in CAPTION_PREFIXES:
         words.update(prefix.replace("-", " ").split())
     return sorted(words)
@@ -215,14 +267,17 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def sample_caption(rng: np.random.Generator, shape: str, colour: str, background: str) -> str:
+def sample_caption(rng: np.random.Generator, shape: str, colour: str, background: str, cluttered: bool = False) -> str:
     """One caption of a drawn image; the mix of forms is fixed here so training is reproducible.
 
     ~10% empty (the unconditional branch of classifier-free guidance); otherwise the full
     "a red circle on a gray background", the short "a red circle" / "red circle", a TI-style
     prefix ("a photo of a red circle"), or a partial description with one attribute left out
-    ("a red object", "a circle") so that each word carries its own meaning.
+    ("a red object", "a circle") so that each word carries its own meaning. A ``cluttered`` image's
+    background reads "a cluttered teal background".
     """
+    if cluttered:
+        background = f"{CLUTTER_WORD} {background}"
     u = rng.random()
     if u < 0.10:
         return ""
@@ -241,10 +296,12 @@ def sample_caption(rng: np.random.Generator, shape: str, colour: str, background
     return f"a {shape}" + (f" on a {background} background" if rng.random() < 0.5 else "")
 
 
-def sample_world(seed: int, n: int, size: int = 32, combos: list[tuple[str, str]] | None = None):
+def sample_world(seed: int, n: int, size: int = 32, combos: list[tuple[str, str]] | None = None,
+                 hard_fraction: float = 0.0):
     """``n`` pretraining examples: uint8 images ``[n, size, size, 3]``, captions, and (shape, colour)
     index pairs (into ``SHAPES``/``COLOURS``). Deterministic in ``seed``; held-out pairs never appear
-    unless ``combos`` names them."""
+    unless ``combos`` names them. ``hard_fraction`` of the images (in expectation) have the harder
+    backgrounds; at 0 the stream is the one from before the option existed."""
     combos = pretraining_combos() if combos is None else list(combos)
     rng = np.random.default_rng([seed, 0x70])
     images = np.empty((n, size, size, 3), dtype=np.uint8)
@@ -252,8 +309,9 @@ def sample_world(seed: int, n: int, size: int = 32, combos: list[tuple[str, str]
     labels = np.empty((n, 2), dtype=np.int64)
     for i in range(n):
         shape, colour = combos[int(rng.integers(len(combos)))]
-        img, meta = draw(shape, colour, [seed, 0x71, i], size=size)
+        hard = bool(hard_fraction > 0 and rng.random() < hard_fraction)
+        img, meta = draw(shape, colour, [seed, 0x71, i], size=size, hard=hard)
         images[i] = np.asarray(img)
-        captions.append(sample_caption(rng, shape, colour, meta["background"]))
+        captions.append(sample_caption(rng, shape, colour, meta["background"], cluttered=hard))
         labels[i] = (SHAPES.index(shape), list(COLOURS).index(colour))
     return images, captions, labels

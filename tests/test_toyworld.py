@@ -26,13 +26,15 @@ CHANCE = 1 / 64
 # Means over ALL pairs of a kind, measured by `python scripts/train_toyworld.py measure` with exactly
 # the tests' settings and seeds (fillup_data.toyworld.evaluate.prompt_check / inversion_check; the
 # numbers, date and commit are in benchmarks/RESULTS.md, "toyworld", "What the tests check").
-# Measured 2026-11-25, commit 9091338 (`measure --parts classifier checks --threads 2`), both right:
-# words, all 56 seen pairs 0.393 (22/56); all 8 held-out pairs 0.219 (7/32), colour 0.906;
-# Textual Inversion, the demo's 4 held-out classes, 0.094 (6/64), colour 0.453 (29/64); the same
-# tokens zeroed 0.000, colour 0.250. Chance: 1/64 both, 1/8 colour.
-SEEN_MIN, HELD_MIN, HELD_COLOUR_MIN = 0.25, 0.10, 0.70
-TI_MIN, TI_COLOUR_MIN = 0.045, 0.35  # >= 3 of 64 both right (chance: 1); zeroed tokens: 0 and 0.25
-PSNR_MIN = 22.0  # measured 26.4 dB round trip on 512 images
+# Measured 2026-11-26 on the shipped weights (`measure --parts checks --threads 2`), both right:
+# words, all 56 seen pairs 0.679 (38/56); all 8 held-out pairs 0.625 (20/32), colour 1.000;
+# Textual Inversion, the demo's 4 held-out classes, 0.531 (34/64), colour 0.984; the same tokens
+# zeroed 0.000, colour 0.250. Chance: 1/64 both, 1/8 colour.
+# HELD_MIN and TI_MIN are issue 14's targets themselves (prompts of held-out pairs >= 0.6 at guidance
+# 3; Textual Inversion from 10 images >= 0.5): the shipped weights clear them by 1 and 2 images.
+SEEN_MIN, HELD_MIN, HELD_COLOUR_MIN = 0.55, 0.60, 0.90
+TI_MIN, TI_COLOUR_MIN = 0.50, 0.90  # zeroed tokens: 0 and 0.25
+PSNR_MIN = 100.0  # the exact autoencoder: lossless (measure_vae's cap, 168 dB)
 
 
 # ----------------------------------------------------------------------------- the world
@@ -230,27 +232,36 @@ def test_shipped_classifier_is_accurate_on_images_it_never_trained_on(classifier
     assert EVAL_SEED not in seen and EVAL_SEED > seen[-1]  # no evaluation batch is a training batch
     report = evaluate_classifier(classifier, n=512)
     assert report.shape_accuracy >= 0.95 and report.colour_accuracy >= 0.98
+    # trained on 30% harder backgrounds too, it judges cluttered images (the generator draws plain ones)
+    assert trained["hard_fraction"] == 0.3
+    hard = evaluate_classifier(classifier, n=512, hard_fraction=1.0)
+    assert hard.shape_accuracy >= 0.85 and hard.colour_accuracy >= 0.9, hard
     with pytest.raises(FillupError, match="training batch"):
         evaluate_classifier(classifier, n=8, seed=777)  # step 777's batch of the shipped run
 
 
 def test_shipped_pipeline_loads_with_stock_from_pretrained():
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from fillup_data.models.space_to_depth import SpaceToDepthAutoencoder  # diffusers finds the class in sys.modules
+    from fillup_data.toyworld import model as tw
     from fillup_data.toyworld import pipeline_dir
 
     folder = pipeline_dir()
     index = json.loads((folder / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
-    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["vae"] == ["fillup_data.models.space_to_depth", "SpaceToDepthAutoencoder"]  # issue 14: exact
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, safety_checker=None)
-    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, SpaceToDepthAutoencoder)
     assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
     assert pipe.unet.config.in_channels == 12 and pipe.vae_scale_factor == 2
+    assert list(pipe.unet.config.block_out_channels) == tw.UNET_SIZES["large"]
+    info = json.loads((folder / "fillup_toyworld.json").read_text())
+    assert info["generator_training"]["steps_done"] == info["generator_training"]["config"]["steps"] == 6000
     total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    assert total < 12 * 2**20  # commit-size
+    assert total <= 20 * 10**6  # issue 14: weights at most 20 MB
 
 
 def test_shipped_vae_is_near_lossless_space_to_depth(toy_pipe):

@@ -40,5 +40,5 @@ class DemoSource(Source):
         shape, colour = self.classes[int(label)]
         # one independent stream per (recipe seed, split, class, image)
         seed = [self.seed, _SPLIT_CODE[split], int(label), int(i)]
-        img, _ = world.draw(shape, colour, seed, size=self.cfg.image_size)
+        img, _ = world.draw(shape, colour, seed, size=self.cfg.image_size, hard=self.cfg.hard_backgrounds)
         return img

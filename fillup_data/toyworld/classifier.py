@@ -81,9 +81,27 @@ def all_combos() -> list[tuple[str, str]]:
     return [(s, c) for s in world.SHAPES for c in world.COLOURS]
 
 
-def _draw_batch(seed: int, n: int):
-    images, _, labels = world.sample_world(seed, n, combos=all_combos())
+def _draw_batch(seed: int, n: int, hard_fraction: float = 0.0):
+    images, _, labels = world.sample_world(seed, n, combos=all_combos(), hard_fraction=hard_fraction)
     return to_pixels(images), torch.from_numpy(labels)
+
+
+# The share of the classifier's training images with the harder backgrounds (world.draw(hard=True)),
+# the share the generator is pretrained with, so it judges generated images of either kind.
+TRAIN_HARD_FRACTION = 0.3
+
+
+class _ClassifierBatches(torch.utils.data.Dataset):
+    """Item ``s``: training step ``s``'s batch (a pure function of the step, for DataLoader workers)."""
+
+    def __init__(self, seeds: range, batch_size: int, hard_fraction: float):
+        self.seeds, self.batch_size, self.hard_fraction = seeds, batch_size, hard_fraction
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, step: int):
+        return _draw_batch(self.seeds[step], self.batch_size, self.hard_fraction)
 
 
 @dataclass
@@ -94,36 +112,46 @@ class ClassifierReport:
     n: int
 
 
-def evaluate_classifier(model: WorldClassifier, n: int = 4096, seed: int = EVAL_SEED, transform=None) -> ClassifierReport:
+def evaluate_classifier(model: WorldClassifier, n: int = 4096, seed: int = EVAL_SEED, transform=None,
+                        hard_fraction: float = 0.0) -> ClassifierReport:
     """Accuracy on ``n`` fresh world images (one batch of seed ``seed``, from EVAL_SEED up: never trained on);
-    ``transform`` maps each ``[B, 3, 32, 32]`` chunk first (a VAE round trip, say)."""
+    ``transform`` maps each ``[B, 3, 32, 32]`` chunk first (a VAE round trip, say); ``hard_fraction`` of
+    them with the harder backgrounds (1.0: all)."""
     if seed < EVAL_SEED:
         raise FillupError(f"evaluation seed {seed} may be a training batch's; use a seed >= EVAL_SEED ({EVAL_SEED})")
     model.eval()
-    pixels, labels = _draw_batch(seed, n)
+    pixels, labels = _draw_batch(seed, n, hard_fraction)
     transform = transform or (lambda x: x)
+    device = next(model.parameters()).device
     with torch.no_grad():
-        preds = [torch.stack([ls.argmax(1), lc.argmax(1)], 1) for ls, lc in (model(transform(p)) for p in pixels.split(256))]
+        preds = [torch.stack([ls.argmax(1), lc.argmax(1)], 1).cpu()
+                 for ls, lc in (model(transform(p.to(device))) for p in pixels.split(256))]
     pred = torch.cat(preds)
     ok = pred == labels
     return ClassifierReport(float(ok[:, 0].float().mean()), float(ok[:, 1].float().mean()), float(ok.all(1).float().mean()), n)
 
 
 def train_classifier(
-    out: str | Path | None = None, *, steps: int = 1200, batch_size: int = 128, seed: int = 0, progress: bool = True
+    out: str | Path | None = None, *, steps: int = 1200, batch_size: int = 128, seed: int = 0, progress: bool = True,
+    hard_fraction: float = TRAIN_HARD_FRACTION, device: str = "cpu", data_workers: int = 0,
 ) -> tuple[WorldClassifier, ClassifierReport]:
-    """Train on fresh draws (a new batch every step), save safetensors to ``out`` (default: the package)."""
+    """Train on fresh draws (a new batch every step, ``hard_fraction`` of the images with the harder
+    backgrounds), save safetensors to ``out`` (default: the package). ``device`` runs the model; the
+    images are drawn on the CPU (by ``data_workers`` processes), the same for any device."""
     from tqdm.auto import tqdm
 
     if not (0 <= seed < MAX_TRAIN_SEED and 0 < steps <= SEED_STRIDE):
         raise FillupError(f"seed must be in [0, {MAX_TRAIN_SEED}) and steps in [1, {SEED_STRIDE}] (evaluation seeds lie above)")
     torch.manual_seed(seed)
-    model = WorldClassifier()
+    model = WorldClassifier().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
-    for step in tqdm(range(steps), desc="world classifier", disable=not progress):
-        pixels, labels = _draw_batch(training_seeds(seed, steps)[step], batch_size)
+    batches = torch.utils.data.DataLoader(_ClassifierBatches(training_seeds(seed, steps), batch_size, hard_fraction),
+                                          batch_size=None, num_workers=data_workers,
+                                          prefetch_factor=8 if data_workers else None)
+    for pixels, labels in tqdm(batches, desc="world classifier", disable=not progress):
+        pixels, labels = pixels.to(device), labels.to(device)
         ls, lc = model(pixels)
         loss = F.cross_entropy(ls, labels[:, 0]) + F.cross_entropy(lc, labels[:, 1])
         opt.zero_grad(set_to_none=True)
@@ -131,7 +159,11 @@ def train_classifier(
         opt.step()
         sched.step()
     report = evaluate_classifier(model)
-    save_classifier(model, out or default_weights_path(), report=report, extra={"steps": steps, "batch_size": batch_size, "seed": seed})
+    hard_report = evaluate_classifier(model, hard_fraction=1.0)
+    model = model.cpu()
+    save_classifier(model, out or default_weights_path(), report=report,
+                    extra={"steps": steps, "batch_size": batch_size, "seed": seed, "hard_fraction": hard_fraction,
+                           "report_hard_backgrounds": hard_report.__dict__})
     return model, report
 
 

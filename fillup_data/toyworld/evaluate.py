@@ -265,8 +265,10 @@ def measure(pipe, classifier, *, n_per: int = 16, steps: int = 25, ti_classes=No
         out["classifier"] = evaluate_classifier(classifier).__dict__
         vae = pipe.vae
         out["classifier_vae_roundtrip"] = evaluate_classifier(
-            classifier, transform=lambda x: vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mean).sample.clamp(-1, 1).float()
+            classifier,
+            transform=lambda x: vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample.clamp(-1, 1).float().cpu(),
         ).__dict__
+        out["classifier_hard_backgrounds"] = evaluate_classifier(classifier, hard_fraction=1.0).__dict__
         say(f"classifier on VAE round trips {out['classifier_vae_roundtrip']}")
         say(f"classifier {out['classifier']}")
     if "words" in parts:

@@ -23,6 +23,19 @@ def default_pipeline_dir() -> Path:
     return TOYWORLD_DIR
 
 
+def reproduce_command(config: dict, steps: int) -> str:
+    """The ``scripts/train_toyworld.py`` command that trains this generator, every setting that shapes it
+    spelled out (defaults change; a recorded command must not). ``--device cuda`` gives the same data
+    stream; its float sums differ, so weights of the same quality, not the same bytes."""
+    cmd = (f"python scripts/train_toyworld.py all --work build/toyworld-train --steps {steps}"
+           f" --autoencoder {config.get('autoencoder', 'trained')} --unet {config.get('unet', 'base')}")
+    if config.get("hard_fraction", 0.0):
+        cmd += f" --hard-fraction {config['hard_fraction']:g}"
+    if config.get("seed", 0):
+        cmd += f" --seed {config['seed']}"
+    return cmd
+
+
 def export_pipeline(work_dir, cfg, out: str | Path | None = None, dtype: torch.dtype = torch.float16) -> Path:
     """Write the pipeline (EMA UNet + text encoder, autoencoder, tokenizer, DDIM scheduler) to ``out``.
 
@@ -42,7 +55,8 @@ def export_pipeline(work_dir, cfg, out: str | Path | None = None, dtype: torch.d
     if not state_path.is_file():
         raise FillupError(f"{state_path}: no generator training state; run `scripts/train_toyworld.py generator` first")
     state = json.loads(state_path.read_text())
-    autoencoder = recorded_config(state)["autoencoder"]
+    recorded = recorded_config(state)
+    autoencoder = recorded["autoencoder"]
     if cfg is not None and cfg.autoencoder != autoencoder:
         raise FillupError(
             f"{state_path}: the generator was trained for --autoencoder {autoencoder}, not {cfg.autoencoder}; "
@@ -53,7 +67,7 @@ def export_pipeline(work_dir, cfg, out: str | Path | None = None, dtype: torch.d
     tensors = load_file(str(work / "generator" / "weights.safetensors"))
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     tokenizer = tw.build_tokenizer()
-    unet = tw.build_unet(latent_channels_for(autoencoder))
+    unet = tw.build_unet(latent_channels_for(autoencoder), recorded["unet"])
     text_encoder = tw.build_text_encoder(tokenizer)
     # parameters from the EMA; buffers (the text encoder's position ids) from the raw state dict
     for module, prefix in ((unet, "unet."), (text_encoder, "text_encoder.")):
@@ -89,8 +103,8 @@ def export_pipeline(work_dir, cfg, out: str | Path | None = None, dtype: torch.d
             "weights_dtype": {"unet": str(dtype).removeprefix("torch."),
                               "vae": str(dtype).removeprefix("torch.") if autoencoder == "trained" else "none (no weights)",
                               "text_encoder": "float32"},
-            "reproduce": "python scripts/train_toyworld.py all --work build/toyworld-train"
-            + (" --autoencoder exact" if autoencoder == "exact" else ""),
+            "reproduce": reproduce_command(recorded, recorded["steps"])
+            + ("" if state["step"] >= recorded["steps"] else f"  (these weights: stopped at step {state['step']})"),
         }
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
         if out.exists():

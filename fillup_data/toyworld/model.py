@@ -161,11 +161,20 @@ def build_text_encoder(tokenizer):
     return CLIPTextModel(cfg)
 
 
-def build_unet(latent_channels: int = LATENT_CHANNELS):
-    """The UNet for an autoencoder with ``latent_channels`` (its in and out channels follow them)."""
+# UNet widths ``scripts/train_toyworld.py --unet`` chooses from: "base" is UNET_CONFIG (3.7M parameters),
+# "large" is 4/3 as wide (6.6M parameters, 13 MB in float16).
+UNET_SIZES: dict[str, list[int]] = {"base": [48, 96, 96], "large": [64, 128, 128]}
+
+
+def build_unet(latent_channels: int = LATENT_CHANNELS, size: str = "base"):
+    """The UNet for an autoencoder with ``latent_channels`` (its in and out channels follow them), of
+    width ``size`` (``UNET_SIZES``)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_config({**UNET_CONFIG, "in_channels": latent_channels, "out_channels": latent_channels})
+    if size not in UNET_SIZES:
+        raise ValueError(f"unknown toyworld UNet size {size!r}; choose from {', '.join(UNET_SIZES)}")
+    return UNet2DConditionModel.from_config({**UNET_CONFIG, "in_channels": latent_channels, "out_channels": latent_channels,
+                                            "block_out_channels": UNET_SIZES[size]})
 
 
 def build_vae():

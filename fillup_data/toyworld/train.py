@@ -1,6 +1,6 @@
 """Pretraining the toyworld generator (UNet + text encoder jointly) and its space-to-depth VAE.
 
-Issue 6's recipe: DDPM epsilon-prediction, AdamW 1e-3, batch 64, EMA, ~4000 steps; captions with
+Issue 6's recipe: DDPM epsilon-prediction, AdamW 1e-3, batch 64, EMA, 6,000 steps (issue 14; 4,000 before); captions with
 ~10% empty for classifier-free guidance; held-out (shape, colour) pairs never drawn. Data is drawn
 fresh every step (``world.sample_world``), so there is no dataset to store and no epoch.
 
@@ -30,7 +30,7 @@ from fillup_data.toyworld import model as tw
 
 @dataclass
 class GeneratorTrainConfig:
-    steps: int = 4000
+    steps: int = 6000
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-2  # UNet only; the text encoder's rows of unused tokens are not pulled to 0
@@ -43,7 +43,11 @@ class GeneratorTrainConfig:
     # the autoencoder the generator is trained and exported with (tw.AUTOENCODERS): "trained" (the
     # AutoencoderKL approximation of vae.py) or "exact" (parameter-free space-to-depth). Part of the
     # resume check: a resumed run cannot switch.
-    autoencoder: str = "trained"
+    autoencoder: str = "exact"
+    # the UNet's width (tw.UNET_SIZES) and the share of pretraining images with the harder backgrounds
+    # (world.draw(hard=True)); both part of the resume check
+    unet: str = "large"
+    hard_fraction: float = 0.0
 
 
 class ThreadTuner:
@@ -99,14 +103,15 @@ def _lr_at(cfg: GeneratorTrainConfig, step: int) -> float:
     return cfg.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def batch_for_step(seed: int, step: int, batch_size: int, tokenizer, combos=None, autoencoder=None):
+def batch_for_step(seed: int, step: int, batch_size: int, tokenizer, combos=None, autoencoder=None, hard_fraction: float = 0.0):
     """Pixels-as-latents ``[B, 12, 16, 16]`` (scaled), token ids, and (shape, colour) labels of one step.
 
     Latents: ``autoencoder``'s (scaled by its ``scaling_factor``) when given, the exact one's; without
     it, exact space-to-depth at ``tw.SCALING_FACTOR``, the target the trained VAE approximates (so
     with the toyworld's exact autoencoder both give the same numbers).
     """
-    images, captions, labels = world.sample_world(seed * 1_000_003 + step, batch_size, size=tw.RESOLUTION, combos=combos)
+    images, captions, labels = world.sample_world(seed * 1_000_003 + step, batch_size, size=tw.RESOLUTION, combos=combos,
+                                                  hard_fraction=hard_fraction)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if autoencoder is None:
         latents = tw.space_to_depth(pixels) * tw.SCALING_FACTOR
@@ -131,13 +136,31 @@ def check_autoencoder(cfg: GeneratorTrainConfig) -> None:
 def recorded_config(state: dict) -> dict:
     """A resume state's training config, with the defaults of fields added since it was written (a
     state from before ``autoencoder`` existed was trained for the trained VAE)."""
-    return {"autoencoder": "trained", **state["config"]}
+    return {"autoencoder": "trained", "unet": "base", "hard_fraction": 0.0, **state["config"]}
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``s`` is step ``s``'s batch (``batch_for_step``): a pure function of the step, so DataLoader
+    workers can draw ahead (the world's drawing, ~2 ms an image, is what limits a GPU run) and the
+    stream is the same for any number of workers."""
+
+    def __init__(self, cfg: GeneratorTrainConfig, tokenizer, autoencoder=None):
+        self.cfg, self.tokenizer, self.autoencoder = cfg, tokenizer, autoencoder
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def __getitem__(self, step: int):
+        return batch_for_step(self.cfg.seed, step, self.cfg.batch_size, self.tokenizer, autoencoder=self.autoencoder,
+                              hard_fraction=self.cfg.hard_fraction)
 
 
 def _ema_update(ema: dict[str, torch.Tensor], module_params: dict[str, torch.Tensor], decay: float) -> None:
+    keys = list(module_params)
     with torch.no_grad():
-        for k, p in module_params.items():
-            ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
+        targets = [ema[k] for k in keys]
+        torch._foreach_mul_(targets, decay)
+        torch._foreach_add_(targets, [module_params[k].detach() for k in keys], alpha=1 - decay)
 
 
 def _save_state(path: Path, unet, text_encoder, ema: dict, optimizer, step: int, cfg, log: list) -> None:
@@ -148,9 +171,9 @@ def _save_state(path: Path, unet, text_encoder, ema: dict, optimizer, step: int,
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / ".tmp"
     tmp.mkdir(exist_ok=True)
-    tensors = {f"unet.{k}": v.detach().contiguous() for k, v in unet.state_dict().items()}
-    tensors.update({f"text_encoder.{k}": v.detach().contiguous() for k, v in text_encoder.state_dict().items()})
-    tensors.update({f"ema.{k}": v.contiguous() for k, v in ema.items()})
+    tensors = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+    tensors.update({f"text_encoder.{k}": v.detach().cpu().contiguous() for k, v in text_encoder.state_dict().items()})
+    tensors.update({f"ema.{k}": v.cpu().contiguous() for k, v in ema.items()})
     save_file(tensors, str(tmp / "weights.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "log": log}, indent=1))
@@ -165,10 +188,16 @@ def _named_trainables(unet, text_encoder) -> dict[str, torch.Tensor]:
 
 
 def train_generator(
-    work_dir: str | os.PathLike, cfg: GeneratorTrainConfig, log_every: int = 20, progress: bool = True, threads: int | None = None
+    work_dir: str | os.PathLike, cfg: GeneratorTrainConfig, log_every: int = 20, progress: bool = True, threads: int | None = None,
+    device: str = "cpu", data_workers: int = 0,
 ):
     """Train (or resume) UNet + text encoder into ``work_dir``; returns (unet, text_encoder, tokenizer)
-    carrying the EMA weights."""
+    carrying the EMA weights (on ``device``).
+
+    ``device`` runs the model (``cuda`` on a GPU machine); the data (the world's images, the noise and
+    timesteps) is drawn on the CPU from the same seeds for any device and any ``data_workers``, so a GPU
+    run trains on the same stream as a CPU one (its float sums differ). The weights are saved on the CPU.
+    """
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
@@ -179,10 +208,10 @@ def train_generator(
     exact = tw.build_exact_autoencoder() if cfg.autoencoder == "exact" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        unet = tw.build_unet(latent_channels_for(cfg.autoencoder))
+        unet = tw.build_unet(latent_channels_for(cfg.autoencoder), cfg.unet)
         text_encoder = tw.build_text_encoder(tokenizer)
-    unet.train()
-    text_encoder.train()
+    unet.to(device).train()
+    text_encoder.to(device).train()
     params = _named_trainables(unet, text_encoder)
     groups = [
         {"params": [p for k, p in params.items() if k.startswith("unet.")], "weight_decay": cfg.weight_decay},
@@ -204,24 +233,30 @@ def train_generator(
         tensors = load_file(str(ckpt / "weights.safetensors"))
         unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
         text_encoder.load_state_dict({k[13:]: v for k, v in tensors.items() if k.startswith("text_encoder.")})
-        ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         step, log = state["step"], state["log"]
 
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(tw.SCHEDULER_CONFIG)
+    on_cpu = torch.device(device).type == "cpu"
+    batches = torch.utils.data.DataLoader(
+        StepBatches(cfg, tokenizer, exact), batch_size=None, sampler=range(step, cfg.steps), num_workers=data_workers,
+        prefetch_factor=8 if data_workers else None,
+    )
     with restored_num_threads():  # the tuner changes the process-wide thread count
-        tuner = ThreadTuner(options=(threads,) if threads else (2, 1))
+        # on a GPU the main thread only launches kernels: no tuning, few threads beside the data workers
+        tuner = ThreadTuner(options=(threads,) if threads else ((2, 1) if on_cpu else (1,)))
         bar = tqdm(total=cfg.steps, initial=step, desc="toyworld generator", unit="step", disable=not progress)
         running, t_start = [], time.time()
-        while step < cfg.steps:
+        for latents, ids, _ in batches:
             tuner.before_step(step)
-            latents, ids, _ = batch_for_step(cfg.seed, step, cfg.batch_size, tokenizer, autoencoder=exact)
             g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
             noise = torch.randn(latents.shape, generator=g)
             t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
             noisy = sched.add_noise(latents, noise, t)
+            noisy, noise, t, ids = (x.to(device, non_blocking=True) for x in (noisy, noise, t, ids))
             cond = text_encoder(ids)[0]
             pred = unet(noisy, t, encoder_hidden_states=cond).sample
             loss = F.mse_loss(pred, noise)
@@ -235,13 +270,15 @@ def train_generator(
             # EMA warm-up (as diffusers' EMAModel): early weights are not averaged in with full weight
             _ema_update(ema, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
             tuner.after_step()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FillupError(f"toyworld training diverged at step {step} (loss {loss_value}); lower the learning rate")
-            running.append(loss_value)
+            running.append(loss.detach())
             bar.update(1)
+            if step % log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                # one device sync per log entry, not per step
+                losses = torch.stack(running).float().cpu().numpy()
+                if not np.isfinite(losses).all():
+                    raise FillupError(f"toyworld training diverged by step {step} (loss {losses[-1]}); lower the learning rate")
             if step % log_every == 0:
-                entry = {"step": step, "loss": float(np.mean(running)), "lr": _lr_at(cfg, step - 1),
+                entry = {"step": step, "loss": float(np.mean(losses)), "lr": _lr_at(cfg, step - 1),
                          "threads": tuner.current, "elapsed_s": round(time.time() - t_start, 1)}
                 log.append(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", threads=tuner.current)
