@@ -26,13 +26,13 @@ test: venv
 clean:
 	rm -rf $(VENV) out
 
-# The paper's Table 6 in miniature on the demo world (CE, BS, Fill-Up I, Fill-Up I+II; 3 seeds).
+# The paper's Table 6 in miniature on the demo world (CE, BS, Fill-Up I, Fill-Up I+II; 3 builds x 3 seeds).
 experiment: venv
-	$(VENV)/bin/python -m fillup_data.experiment --recipe recipes/demo_experiment.yaml \
+	$(VENV)/bin/python -m fillup_data.demo.experiment --recipe recipes/demo_experiment.yaml \
 		--train-config recipes/train/demo_experiment.yaml --seeds 0 1 2 --build-seeds 0 1 2 --out out/experiment --results results
 
 # The paper's Table 1 in miniature on the demo world (single template, CLIP templates, Textual Inversion;
 # synthetic images only; 3 seeds): results/compare.md and .json.
 compare: venv
-	$(VENV)/bin/python -m fillup_data.compare_experiment --train-config recipes/train/compare.yaml \
+	$(VENV)/bin/python -m fillup_data.demo.compare_experiment --train-config recipes/train/compare.yaml \
 		--seeds 0 1 2 --out out/compare --results results

@@ -80,7 +80,7 @@ class DemoSource(_SourceCommon):
     min_images: int = Field(5, ge=1)
     test_per_class: int = Field(20, ge=0)
     image_size: int = Field(32, ge=16, le=512)
-    # the harder backgrounds of fillup_data.world (more background colours, stronger textures, small
+    # the harder backgrounds of fillup_data.demo.world (more background colours, stronger textures, small
     # distractor shapes): the miniature experiment's, so that many-shot classes are not solved outright
     hard_backgrounds: bool = False
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Reproduce the shipped toyworld weights (fillup_data/models/toyworld/ and the world classifier).
+"""Reproduce the shipped toyworld weights (fillup_data/demo/toyworld/pipeline/ and the world classifier).
 
     python scripts/train_toyworld.py all --work build/toyworld-train     # classifier, generator, export
     python scripts/train_toyworld.py classifier                          # the world classifier (~7 min on 2 cores)
@@ -27,14 +27,14 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    from fillup_data.toyworld import train
+    from fillup_data.demo.toyworld import train
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["generator", "vae", "classifier", "export", "all", "measure"])
     p.add_argument("--work", default="build/toyworld-train", help="checkpoints and logs (resumable)")
     p.add_argument("--steps", type=int, default=None, help="generator steps (default 6000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="pipeline folder (default: the package's models/toyworld)")
+    p.add_argument("--out", default=None, help="pipeline folder (default: the package's demo/toyworld/pipeline)")
     p.add_argument("--ti-steps", type=int, default=600, help="Textual Inversion steps in `measure`")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: chosen per step by measurement)")
     p.add_argument("--parts", nargs="+", default=None, help="measure only these parts: classifier words inversion checks")
@@ -70,20 +70,20 @@ def main(argv=None) -> int:
         if stage == "generator":
             train.train_generator(work, cfg, threads=args.threads, device=args.device, data_workers=args.data_workers)
         elif stage == "vae":
-            from fillup_data.toyworld import vae
+            from fillup_data.demo.toyworld import vae
 
             vae.train_vae(work / "vae", seed=args.seed)
         elif stage == "classifier":
-            from fillup_data.toyworld import classifier
+            from fillup_data.demo.toyworld import classifier
 
             classifier.train_classifier(args.classifier_out, steps=args.classifier_steps, seed=args.seed, device=args.device,
                                         data_workers=args.data_workers)
         elif stage == "measure":
             import json
 
-            from fillup_data.toyworld import load_toyworld
-            from fillup_data.toyworld.classifier import load_classifier
-            from fillup_data.toyworld.evaluate import MEASURE_PARTS, measure
+            from fillup_data.demo.toyworld import load_toyworld
+            from fillup_data.demo.toyworld.classifier import load_classifier
+            from fillup_data.demo.toyworld.evaluate import MEASURE_PARTS, measure
 
             commit = _commit()  # before the run: the code it loads is this checkout's
             pipe = load_toyworld(device=args.device) if args.out is None else _load(args.out, args.device)
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
 
             import torch
 
-            from fillup_data.toyworld.evaluate import results_markdown
+            from fillup_data.demo.toyworld.evaluate import results_markdown
 
             machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
             if args.device != "cpu":
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             print(md)
             print(f"wrote {work / 'measure.json'} and {work / 'measure.md'}")
         elif stage == "export":
-            from fillup_data.toyworld import export
+            from fillup_data.demo.toyworld import export
 
             export.export_pipeline(work, cfg, args.out)
     return 0

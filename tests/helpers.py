@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fillup_data import world
+from fillup_data.demo import world
 
 
 def draw(label: int, i: int, size: int = 24) -> Image.Image:

@@ -217,8 +217,8 @@ TINY_TRAIN = ["stage1.epochs=1", "stage1.warmup_epochs=0", "stage1.batch_size=8"
 def test_the_driver_builds_trains_evaluates_and_tabulates_then_resumes(tmp_path, monkeypatch, capsys):
     """`make compare` at a tiny scale: two strategies (real builds with toyworld, real training and
     evaluation), two seeds, the table and its provenance written; relaunching trains nothing again."""
-    import fillup_data.experiment_steps as steps
-    from fillup_data import compare_experiment
+    import fillup_data.demo.experiment_steps as steps
+    from fillup_data.demo import compare_experiment
 
     recipes = [ROOT / "recipes" / "compare" / f"{n}.yaml" for n in ("single_template", "textual_inversion")]
     args = ["--recipes", *map(str, recipes), "--train-config", str(COMPARE_TRAIN), "--seeds", "0", "1",
@@ -232,7 +232,7 @@ def test_the_driver_builds_trains_evaluates_and_tabulates_then_resumes(tmp_path,
     md = (tmp_path / "results" / "compare.md").read_text()
     result = json.loads((tmp_path / "results" / "compare.json").read_text())
     assert md.startswith(f"{result['provenance']['date']}, commit ")
-    assert "`python -m fillup_data.compare_experiment" in md
+    assert "`python -m fillup_data.demo.compare_experiment" in md
     rows = result["table"]["rows"]
     assert [(r["label"], r["seeds"]) for r in rows] == [("single_template", [0, 1]), ("textual_inversion", [0, 1])]
     for r in rows:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import fillup_data.experiment as experiment
-import fillup_data.experiment_steps as experiment_steps
+import fillup_data.demo.experiment as experiment
+import fillup_data.demo.experiment_steps as experiment_steps
 
 
 def test_protocol_and_mean_std(tmp_path, monkeypatch):
@@ -67,7 +67,7 @@ def test_protocol_and_mean_std(tmp_path, monkeypatch):
     text = (tmp_path / "res" / "demo_experiment.md").read_text()
     assert "| CE baseline | 42.5 ± 1.9 | 52.5 ± 1.9 | 42.5 ± 1.9 | – |" in text
     assert "| CE baseline | 41.0 | 44.0 |" in text and "(per build seed: 0.500, 1.000)" in text
-    assert text.startswith(f"{result['provenance']['date']}, commit ") and "`python -m fillup_data.experiment" in text
+    assert text.startswith(f"{result['provenance']['date']}, commit ") and "`python -m fillup_data.demo.experiment" in text
     json.loads((tmp_path / "res" / "demo_experiment.json").read_text())  # valid JSON (no NaN)
     # relaunching does not retrain finished runs
     calls.clear()

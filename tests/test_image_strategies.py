@@ -335,7 +335,7 @@ def test_a_source_image_that_fails_mid_build_is_no_samples_source(tmp_path, monk
     variations are then drawn from the images the real shards hold (not from the source again), so no
     sample names a source missing from the build and every sample still regenerates exactly."""
     from fillup_data.sources import ImageLoadError
-    from fillup_data.sources.demo import DemoSource
+    from fillup_data.demo.source import DemoSource
 
     from fillup_data.index import build_index
 

@@ -145,9 +145,9 @@ def test_builtin_model_from_another_builder_is_rebuilt(counted_builds, record):
     assert json.loads((path / BUILTIN_RECORD).read_text())["builder"] == architectures.builder_identity("tiny")
 
 
-def test_models_never_import_the_toyworld_package():
-    """The loader owns where the shipped toyworld folder lies; toyworld (training, export, evaluation) imports
-    the loader, never the other way round (issue 14: no import circle between the two)."""
+def test_models_never_import_the_demo_wing():
+    """The loader owns where the shipped toyworld folder lies; the demo wing (world, toyworld training, export,
+    evaluation, experiments) imports the loader, never the other way round (issue 14: no import circle)."""
     import ast
 
     folder = Path(__file__).resolve().parents[1] / "fillup_data" / "models"
@@ -155,4 +155,4 @@ def test_models_never_import_the_toyworld_package():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n.startswith("fillup_data.toyworld") for n in names), f"{path.name} imports {names}"
+            assert not any(n.startswith("fillup_data.demo") for n in names), f"{path.name} imports {names}"

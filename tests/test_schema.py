@@ -226,7 +226,8 @@ def test_a_manifest_that_is_not_json_names_the_file_and_line(tmp_path):
 
 # --------------------------------------------------------------------------- groups and the fingerprint
 def test_groups_are_defined_once():
-    from fillup_data import experiment, loader, plan
+    from fillup_data import loader, plan
+    from fillup_data.demo import experiment
     from fillup_data.recipe import GroupsConfig
     from fillup_data.schema import groups
     from fillup_data.train import evaluate

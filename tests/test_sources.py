@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fillup_data import world
+from fillup_data.demo import world
 from fillup_data.errors import SourceError
 from fillup_data.index import build_index
 from fillup_data.recipe import parse_recipe

@@ -102,7 +102,7 @@ def test_a_model_of_the_wrong_kind_or_unknown_offline_names_the_field():
 
 
 def test_tiny_blip_captions_images_greedily_and_deterministically():
-    from fillup_data import world
+    from fillup_data.demo import world
     from fillup_data.generation.prompt_making import caption_images
     from fillup_data.models.prompt_models import load_captioner
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fillup_data import world
+from fillup_data.demo import world
 from fillup_data.errors import FillupError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,7 +24,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 CHANCE = 1 / 64
 # Means over ALL pairs of a kind, measured by `python scripts/train_toyworld.py measure` with exactly
-# the tests' settings and seeds (fillup_data.toyworld.evaluate.prompt_check / inversion_check; the
+# the tests' settings and seeds (fillup_data.demo.toyworld.evaluate.prompt_check / inversion_check; the
 # numbers, date and commit are in benchmarks/RESULTS.md, "toyworld", "What the tests check").
 # Measured 2026-11-26 on the shipped weights (`measure --parts checks --threads 2`), both right:
 # words, all 56 seen pairs 0.679 (38/56); all 8 held-out pairs 0.625 (20/32), colour 1.000;
@@ -130,7 +130,7 @@ def test_sample_world_never_draws_held_out_pairs_and_captions_match_labels():
 
 
 def test_tokenizer_makes_every_world_word_one_token_and_tokenizes_anything():
-    from fillup_data.toyworld import model as tw
+    from fillup_data.demo.toyworld import model as tw
 
     tok = tw.build_tokenizer()
     for word in world.world_words():
@@ -145,8 +145,8 @@ def test_the_tokenizer_built_from_code_is_the_shipped_one():
     the shipped text encoder's embedding rows mean, so they must not move."""
     from transformers import AutoTokenizer
 
-    from fillup_data.toyworld import model as tw
-    from fillup_data.toyworld.export import default_pipeline_dir
+    from fillup_data.demo.toyworld import model as tw
+    from fillup_data.demo.toyworld.export import default_pipeline_dir
 
     built, shipped = tw.build_tokenizer(), AutoTokenizer.from_pretrained(default_pipeline_dir() / "tokenizer")
     assert built.get_vocab() == shipped.get_vocab()
@@ -155,7 +155,7 @@ def test_the_tokenizer_built_from_code_is_the_shipped_one():
 
 
 def test_bpe_merges_reproduce_single_tokens_even_for_overlapping_words():
-    from fillup_data.toyworld.model import train_bpe_merges
+    from fillup_data.demo.toyworld.model import train_bpe_merges
 
     merges = train_bpe_merges(["an", "clean", "green", "red", "rendering"])
     assert len(merges) == len(set(merges))
@@ -174,7 +174,7 @@ def restore_threads():
 
 
 def test_generator_training_checkpoints_and_resumes(tmp_path, restore_threads):
-    from fillup_data.toyworld.train import GeneratorTrainConfig, train_generator
+    from fillup_data.demo.toyworld.train import GeneratorTrainConfig, train_generator
 
     torch.set_num_threads(1)
     cfg = GeneratorTrainConfig(steps=2, batch_size=4, warmup_steps=1, checkpoint_every=1)
@@ -190,7 +190,7 @@ def test_generator_training_checkpoints_and_resumes(tmp_path, restore_threads):
 
 
 def test_thread_tuner_keeps_the_faster_thread_count(monkeypatch, restore_threads):
-    from fillup_data.toyworld import train
+    from fillup_data.demo.toyworld import train
 
     monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
     tuner = train.ThreadTuner(options=(2, 1), trial_steps=2, period=10)
@@ -209,14 +209,14 @@ def test_thread_tuner_keeps_the_faster_thread_count(monkeypatch, restore_threads
 
 @pytest.fixture(scope="module")
 def classifier():
-    from fillup_data.toyworld.classifier import load_classifier
+    from fillup_data.demo.toyworld.classifier import load_classifier
 
     return load_classifier()
 
 
 @pytest.fixture(scope="module")
 def toy_pipe():
-    from fillup_data.toyworld import load_toyworld
+    from fillup_data.demo.toyworld import load_toyworld
 
     return load_toyworld()
 
@@ -224,7 +224,7 @@ def toy_pipe():
 def test_shipped_classifier_is_accurate_on_images_it_never_trained_on(classifier):
     from safetensors import safe_open
 
-    from fillup_data.toyworld.classifier import EVAL_SEED, default_weights_path, evaluate_classifier, training_seeds
+    from fillup_data.demo.toyworld.classifier import EVAL_SEED, default_weights_path, evaluate_classifier, training_seeds
 
     with safe_open(str(default_weights_path()), "pt") as f:
         trained = json.loads(f.metadata()["training"])
@@ -245,8 +245,8 @@ def test_shipped_pipeline_loads_with_stock_from_pretrained():
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from fillup_data.models.space_to_depth import SpaceToDepthAutoencoder  # diffusers finds the class in sys.modules
-    from fillup_data.toyworld import model as tw
-    from fillup_data.toyworld import pipeline_dir
+    from fillup_data.demo.toyworld import model as tw
+    from fillup_data.demo.toyworld import pipeline_dir
 
     folder = pipeline_dir()
     index = json.loads((folder / "model_index.json").read_text())
@@ -265,8 +265,8 @@ def test_shipped_pipeline_loads_with_stock_from_pretrained():
 
 
 def test_shipped_vae_is_near_lossless_space_to_depth(toy_pipe):
-    from fillup_data.toyworld import model as tw
-    from fillup_data.toyworld.vae import measure_vae
+    from fillup_data.demo.toyworld import model as tw
+    from fillup_data.demo.toyworld.vae import measure_vae
 
     q = measure_vae(toy_pipe.vae, n=64, seed=5)
     assert q["psnr_roundtrip_db"] >= PSNR_MIN, q
@@ -278,7 +278,7 @@ def test_shipped_vae_is_near_lossless_space_to_depth(toy_pipe):
 
 @pytest.mark.slow  # 88 images: about 12 s on 2 idle cores
 def test_prompts_control_shape_and_colour_over_all_seen_and_held_out_pairs(toy_pipe, classifier):
-    from fillup_data.toyworld.evaluate import prompt_check
+    from fillup_data.demo.toyworld.evaluate import prompt_check
 
     r = prompt_check(toy_pipe, classifier)
     assert len(r["seen"].per_class) == 56 and len(r["held_out"].per_class) == 8
@@ -289,7 +289,7 @@ def test_prompts_control_shape_and_colour_over_all_seen_and_held_out_pairs(toy_p
 
 @pytest.mark.slow
 def test_textual_inversion_recovers_the_demos_held_out_classes(toy_pipe, classifier, tmp_path):
-    from fillup_data.toyworld.evaluate import DEMO_HELD_OUT, inversion_check
+    from fillup_data.demo.toyworld.evaluate import DEMO_HELD_OUT, inversion_check
 
     r = inversion_check(toy_pipe, classifier, tmp_path)
     assert len(r["token"].per_class) == len(DEMO_HELD_OUT) == 4
@@ -329,7 +329,7 @@ def patch_world_oracle(monkeypatch, drawn_as: dict[tuple[str, str], str] | None 
 
 
 def test_measure_and_its_tables_report_what_was_generated(toy_pipe, classifier, monkeypatch, tmp_path):
-    from fillup_data.toyworld import evaluate
+    from fillup_data.demo.toyworld import evaluate
 
     # purple square (a held-out pair and a demo tail class) comes out as a purple circle
     patch_world_oracle(monkeypatch, {("square", "purple"): "circle"})

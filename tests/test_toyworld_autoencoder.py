@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from fillup_data import world
+from fillup_data.demo import world
 from fillup_data.errors import FillupError
 from fillup_data.models.space_to_depth import SpaceToDepthAutoencoder, measure_latent_std
-from fillup_data.toyworld import model as tw
+from fillup_data.demo.toyworld import model as tw
 
 MODULE = "fillup_data.models.space_to_depth"
 
@@ -158,7 +158,7 @@ def test_textual_inversion_trains_on_the_exact_latents(exact_pipe, tmp_path):
 
 
 def test_exact_latents_are_what_the_toyworld_unet_has_always_trained_on():
-    from fillup_data.toyworld.train import batch_for_step
+    from fillup_data.demo.toyworld.train import batch_for_step
 
     tokenizer = tw.build_tokenizer()
     today, _, _ = batch_for_step(0, 7, 4, tokenizer)
@@ -175,8 +175,8 @@ def restore_threads():
 
 def test_training_records_the_autoencoder_and_neither_resume_nor_export_can_switch(tmp_path, restore_threads):
     from fillup_data.models import load_pipeline
-    from fillup_data.toyworld.export import INFO_NAME, export_pipeline
-    from fillup_data.toyworld.train import GeneratorTrainConfig, train_generator
+    from fillup_data.demo.toyworld.export import INFO_NAME, export_pipeline
+    from fillup_data.demo.toyworld.train import GeneratorTrainConfig, train_generator
 
     cfg = GeneratorTrainConfig(steps=1, batch_size=2, warmup_steps=1, checkpoint_every=1, autoencoder="exact")
     train_generator(tmp_path, cfg, progress=False, threads=1)
@@ -209,7 +209,7 @@ def test_training_records_the_autoencoder_and_neither_resume_nor_export_can_swit
 def test_unet_channels_follow_the_autoencoders_latent_channels(tmp_path, monkeypatch, restore_threads):
     from safetensors.torch import load_file
 
-    from fillup_data.toyworld.train import GeneratorTrainConfig, train_generator
+    from fillup_data.demo.toyworld.train import GeneratorTrainConfig, train_generator
 
     # a 4x space-to-depth: 48 latent channels at 8x8
     monkeypatch.setattr(tw, "build_exact_autoencoder", lambda: SpaceToDepthAutoencoder(downsample_factor=4))
@@ -220,7 +220,7 @@ def test_unet_channels_follow_the_autoencoders_latent_channels(tmp_path, monkeyp
 
 
 def test_an_unknown_autoencoder_is_refused_by_name(tmp_path):
-    from fillup_data.toyworld.train import GeneratorTrainConfig, train_generator
+    from fillup_data.demo.toyworld.train import GeneratorTrainConfig, train_generator
 
     with pytest.raises(FillupError, match="autoencoder 'vq' is not one of trained, exact"):
         train_generator(tmp_path, GeneratorTrainConfig(steps=1, autoencoder="vq"), progress=False, threads=1)

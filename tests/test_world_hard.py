@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fillup_data import world
+from fillup_data.demo import world
 from fillup_data.errors import FillupError
 
 
@@ -62,7 +62,7 @@ def test_hard_fraction_zero_is_the_old_stream_and_one_captions_every_background_
 
 def test_demo_source_draws_hard_backgrounds_when_the_recipe_asks(tmp_path):
     from fillup_data.recipe import DemoSource as Cfg
-    from fillup_data.sources.demo import DemoSource
+    from fillup_data.demo.source import DemoSource
 
     cfg = Cfg(kind="demo", num_classes=20, max_images=10, min_images=2, test_per_class=1, hard_backgrounds=True)
     src = DemoSource(cfg, seed=3)
@@ -88,7 +88,7 @@ def restore_threads():
 def test_the_data_stream_is_the_same_for_any_number_of_data_workers(tmp_path, restore_threads):
     from safetensors.torch import load_file
 
-    from fillup_data.toyworld.train import GeneratorTrainConfig, train_generator
+    from fillup_data.demo.toyworld.train import GeneratorTrainConfig, train_generator
 
     cfg = GeneratorTrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=1, autoencoder="exact",
                                hard_fraction=0.5)
@@ -105,9 +105,9 @@ def test_the_data_stream_is_the_same_for_any_number_of_data_workers(tmp_path, re
 
 def test_unet_width_and_hard_share_are_recorded_resume_checked_and_exported(tmp_path, restore_threads):
     from fillup_data.models import load_pipeline
-    from fillup_data.toyworld import model as tw
-    from fillup_data.toyworld.export import INFO_NAME, export_pipeline
-    from fillup_data.toyworld.train import GeneratorTrainConfig, train_generator
+    from fillup_data.demo.toyworld import model as tw
+    from fillup_data.demo.toyworld.export import INFO_NAME, export_pipeline
+    from fillup_data.demo.toyworld.train import GeneratorTrainConfig, train_generator
 
     cfg = GeneratorTrainConfig(steps=1, batch_size=2, warmup_steps=1, checkpoint_every=1, autoencoder="exact",
                                unet="large", hard_fraction=0.3)
@@ -133,7 +133,7 @@ def test_unet_width_and_hard_share_are_recorded_resume_checked_and_exported(tmp_
 
 
 def test_an_unknown_unet_width_is_refused_by_name():
-    from fillup_data.toyworld import model as tw
+    from fillup_data.demo.toyworld import model as tw
 
     with pytest.raises(ValueError, match="unknown toyworld UNet size 'huge'"):
         tw.build_unet(12, "huge")
@@ -142,7 +142,7 @@ def test_an_unknown_unet_width_is_refused_by_name():
 def test_world_classifier_trains_on_the_mix_and_reports_hard_accuracy(tmp_path, restore_threads):
     from safetensors import safe_open
 
-    from fillup_data.toyworld.classifier import train_classifier
+    from fillup_data.demo.toyworld.classifier import train_classifier
 
     torch.set_num_threads(1)
     path = tmp_path / "c.safetensors"

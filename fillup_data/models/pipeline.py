@@ -42,9 +42,10 @@ def cache_dir() -> Path:
     return base / "models"
 
 
-# The shipped toyworld pipeline folder (``builtin:toyworld``); models owns where it lies, and the toyworld
-# package (training, export, evaluation) imports it from here -- never the other way round.
-TOYWORLD_DIR = Path(__file__).resolve().parent / "toyworld"
+# The shipped toyworld pipeline folder (``builtin:toyworld``), in the demo wing beside the code that trains it.
+# models owns where it lies (a path, not an import), and the demo wing imports it from here -- never the other
+# way round (a test keeps models/ from importing fillup_data.demo).
+TOYWORLD_DIR = Path(__file__).resolve().parents[1] / "demo" / "toyworld" / "pipeline"
 
 
 def toyworld_dir() -> Path:

@@ -24,7 +24,7 @@ def open_source(recipe: Recipe) -> Source:
 
         return HFDatasetSourceImpl(cfg)
     if cfg.kind == "demo":
-        from fillup_data.sources.demo import DemoSource
+        from fillup_data.demo.source import DemoSource
 
         return DemoSource(cfg, recipe.seed)
     raise ValueError(cfg.kind)  # unreachable: the schema only admits the kinds above

@@ -1,9 +1,9 @@
-"""toyworld: a small text-to-image model of fillup_data.world, trained here and shipped with the package.
+"""toyworld: a small text-to-image model of fillup_data.demo.world, trained here and shipped with the package.
 
 It lets the offline demo show Fill-Up working (issue 6): the generator draws the world's shapes and
 colours from words, Textual Inversion finds a class from a few images, and the world classifier
 judges the results. Everything is stock diffusers/transformers classes in a ``save_pretrained``
-folder (``fillup_data/models/toyworld``) that loads with ``StableDiffusionPipeline.from_pretrained``.
+folder (``fillup_data/demo/toyworld/pipeline``) that loads with ``StableDiffusionPipeline.from_pretrained``.
 """
 
 from __future__ import annotations

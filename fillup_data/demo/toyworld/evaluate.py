@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fillup_data import world
-from fillup_data.toyworld.classifier import WorldClassifier, classify
+from fillup_data.demo import world
+from fillup_data.demo.toyworld.classifier import WorldClassifier, classify
 
 CHANCE = 1 / (len(world.SHAPES) * len(world.COLOURS))
 PROMPT = "a photo of a {token}"  # the recipes' generation prompt; single_template puts the class name in it
@@ -249,7 +249,7 @@ def measure(pipe, classifier, *, n_per: int = 16, steps: int = 25, ti_classes=No
     setting), ``checks`` (what the tests assert, at the tests' settings)."""
     import time
 
-    from fillup_data.toyworld.classifier import evaluate_classifier
+    from fillup_data.demo.toyworld.classifier import evaluate_classifier
 
     unknown = set(parts) - set(MEASURE_PARTS)
     if unknown:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from fillup_data import experiment_steps as steps
+from fillup_data.demo import experiment_steps as steps
 from fillup_data.compare import compare_runs, format_markdown
 from fillup_data.result_table import json_safe, provenance, provenance_line
 
@@ -26,8 +26,8 @@ RECIPES = Path("recipes/compare")
 def run(recipes: list[Path], train_config: Path, seeds: list[int], out: Path, results: Path,
         build_extra: list[str] = (), train_extra: list[str] = (), command: str | None = None) -> dict:
     t0 = time.time()
-    prov = provenance(command or "python -m fillup_data.compare_experiment " + " ".join(sys.argv[1:]))
-    from fillup_data.experiment import synthetic_fidelity
+    prov = provenance(command or "python -m fillup_data.demo.compare_experiment " + " ".join(sys.argv[1:]))
+    from fillup_data.demo.experiment import synthetic_fidelity
 
     sets = [x for o in build_extra for x in ("--set", o)]
     run_dirs, fidelity, minutes = [], {}, {}
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    command = "python -m fillup_data.compare_experiment " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m fillup_data.demo.compare_experiment " + " ".join(sys.argv[1:] if argv is None else argv)
     result = run(recipes, Path(a.train_config), a.seeds, Path(a.out), Path(a.results), a.overrides,
                  a.train_overrides, command=command)
     print(format_result(result))

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fillup_data import world
+from fillup_data.demo import world
 
 RESOLUTION = 32
 LATENT_CHANNELS = 12  # 3 colour channels x (2x2) pixels

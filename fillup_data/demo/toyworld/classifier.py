@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from fillup_data import world
+from fillup_data.demo import world
 from fillup_data.errors import FillupError
 
 WEIGHTS_NAME = "world_classifier.safetensors"
@@ -168,7 +168,7 @@ def train_classifier(
 
 
 def default_weights_path() -> Path:
-    return Path(str(resources.files("fillup_data.toyworld").joinpath(WEIGHTS_NAME)))
+    return Path(str(resources.files("fillup_data.demo.toyworld").joinpath(WEIGHTS_NAME)))
 
 
 def save_classifier(model: WorldClassifier, path: str | Path, *, report: ClassifierReport | None = None, extra: dict | None = None) -> Path:
@@ -199,7 +199,7 @@ def load_classifier(path: str | Path | None = None) -> WorldClassifier:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if json.loads(meta.get("shapes", "[]")) != list(world.SHAPES) or json.loads(meta.get("colours", "[]")) != list(world.COLOURS):
-        raise FillupError(f"{path}: trained for other shape/colour lists than fillup_data.world's; retrain it")
+        raise FillupError(f"{path}: trained for other shape/colour lists than fillup_data.demo.world's; retrain it")
     model = WorldClassifier(width=int(meta.get("width", 32)))
     model.load_state_dict(load_file(str(path)))
     return model.eval()

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fillup_data import world
-from fillup_data.toyworld import model as tw
+from fillup_data.demo import world
+from fillup_data.demo.toyworld import model as tw
 
 LOGVAR = -30.0  # DiagonalGaussianDistribution clamps log-variance to [-30, 20]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from fillup_data import world
+from fillup_data.demo import world
 from fillup_data.recipe import DemoSource as DemoSourceConfig
 from fillup_data.sources.base import Source, SourceItem
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fillup_data import world
+from fillup_data.demo import world
 from fillup_data.errors import FillupError
-from fillup_data.toyworld import model as tw
+from fillup_data.demo.toyworld import model as tw
 
 
 @dataclass

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from fillup_data import experiment_steps as steps
+from fillup_data.demo import experiment_steps as steps
 from fillup_data.result_table import COLUMNS, format_cell, json_safe, provenance, provenance_line, seed_row
 from fillup_data.schema.groups import count_groups
 
@@ -44,7 +44,7 @@ def synthetic_fidelity(build: Path) -> dict:
 
     from fillup_data.schema.manifest import Manifest
     from fillup_data.shards.index_parquet import read_index
-    from fillup_data.toyworld.classifier import classify, load_classifier
+    from fillup_data.demo.toyworld.classifier import classify, load_classifier
 
     manifest = Manifest.read(build / "manifest.json")
     rows = [r for r in read_index(build / "index.parquet") if r["is_synthetic"]]
@@ -76,7 +76,7 @@ def run(recipe: Path, train_config: Path, seeds: list[int], out: Path, results: 
         train_extra: list[str] = (), command: list[str] | None = None, build_seeds: list[int] = (0,)) -> dict:
     t0 = time.time()
     argv = sys.argv if command is None else command
-    prov = provenance("python -m fillup_data.experiment " + " ".join(map(str, argv[1:])))  # the code this run loads
+    prov = provenance("python -m fillup_data.demo.experiment " + " ".join(map(str, argv[1:])))  # the code this run loads
     out.mkdir(parents=True, exist_ok=True)
     sets = [x for o in extra for x in ("--set", o)]
     runs: dict[str, list[dict]] = {}

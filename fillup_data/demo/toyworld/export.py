@@ -1,4 +1,4 @@
-"""Assemble the trained parts into the shipped diffusers pipeline folder (``fillup_data/models/toyworld``)."""
+"""Assemble the trained parts into the shipped diffusers pipeline folder (``fillup_data/demo/toyworld/pipeline``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from fillup_data import world
+from fillup_data.demo import world
 from fillup_data.errors import FillupError
-from fillup_data.toyworld import model as tw
+from fillup_data.demo.toyworld import model as tw
 
 INFO_NAME = "fillup_toyworld.json"
 
@@ -47,7 +47,7 @@ def export_pipeline(work_dir, cfg, out: str | Path | None = None, dtype: torch.d
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
-    from fillup_data.toyworld.train import latent_channels_for, recorded_config
+    from fillup_data.demo.toyworld.train import latent_channels_for, recorded_config
 
     work = Path(work_dir)
     state_path = work / "generator" / "state.json"
@@ -87,14 +87,14 @@ def export_pipeline(work_dir, cfg, out: str | Path | None = None, dtype: torch.d
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         if autoencoder == "exact":
-            from fillup_data.toyworld.vae import measure_vae
+            from fillup_data.demo.toyworld.vae import measure_vae
 
             vae_quality = measure_vae(vae, n=64)  # lossless: mse 0, so the PSNR is measure_vae's cap (168 dB)
         else:
             vae_quality = json.loads((vae_dir / "quality.json").read_text()) if (vae_dir / "quality.json").is_file() else {}
         info = {
             "name": "toyworld",
-            "description": "fillup-data's small text-to-image model of the procedural world (fillup_data.world)",
+            "description": "fillup-data's small text-to-image model of the procedural world (fillup_data.demo.world)",
             "resolution": tw.RESOLUTION,
             "held_out_combinations": [list(p) for p in world.HELD_OUT],
             "generator_training": {"steps_done": state["step"], "config": state["config"], "final_log": state["log"][-5:]},

@@ -13,6 +13,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fillup_data.inversion.templates import TEMPLATES as _TI_TEMPLATES
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "hexagon")
 COLOURS = {
     "red": (220, 40, 40),
@@ -234,17 +236,10 @@ HELD_OUT = (
 # makes it a neutral starting point for Textual Inversion's init word (it names no class).
 GENERIC_SHAPE = "object"
 
-# The prompt prefixes Textual Inversion trains with and generation uses ("a photo of a {token}",
-# fillup_data.inversion.TEMPLATES), so the generator has seen those words around a class phrase.
-CAPTION_PREFIXES = (
-    "a photo of a", "a rendering of a", "a cropped photo of the", "the photo of a", "a photo of a clean",
-    "a photo of a dirty", "a dark photo of the", "a photo of my", "a photo of the cool",
-    "a close-up photo of a", "a bright photo of the", "a cropped photo of a", "a photo of the",
-    "a good photo of the", "a photo of one", "a close-up photo of the", "a rendition of the",
-    "a photo of the clean", "a rendition of a", "a photo of a nice", "a good photo of a",
-    "a photo of the nice", "a photo of the small", "a photo of the weird", "a photo of the large",
-    "a photo of a cool", "a photo of a small",
-)  # fmt: skip
+# The prompt prefixes Textual Inversion trains with and generation uses ("a photo of a {token}"):
+# derived from the one template list, so the generator has seen exactly those words around a class phrase.
+CAPTION_PREFIXES = tuple(t.removesuffix(" {token}") for t in _TI_TEMPLATES)
+assert not any("{" in p for p in CAPTION_PREFIXES)  # every template ends in its placeholder
 
 
 def world_words() -> list[str]:
