@@ -335,8 +335,12 @@ def results_markdown(result: dict, *, machine: str, date: str, command: str, com
         ]
         v = result.get("classifier_vae_roundtrip")
         if v:
-            lines[-1] += (f" The same images after the toyworld VAE's encode/decode round trip: shape "
+            lines[-1] += (f" The same images after the toyworld autoencoder's encode/decode round trip: shape "
                           f"{v['shape_accuracy']:.4f}, colour {v['colour_accuracy']:.4f}, both {v['both_accuracy']:.4f}.")
+        h = result.get("classifier_hard_backgrounds")
+        if h:
+            lines[-1] += (f" {h['n']} images with the harder backgrounds: shape {h['shape_accuracy']:.4f}, "
+                          f"colour {h['colour_accuracy']:.4f}, both {h['both_accuracy']:.4f}.")
     if "words" in result:
         w = result["words"]
         lines += [
