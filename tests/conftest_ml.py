@@ -6,6 +6,16 @@ import pytest
 from PIL import Image, ImageDraw
 
 
+@pytest.fixture
+def restore_threads():
+    """Give the test process back its torch thread count (training code sets it); yields the count before."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_cache(fillup_cache):
     """The session's private FILLUP_CACHE (tests/conftest.py sets it for every test)."""

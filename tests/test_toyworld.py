@@ -166,13 +166,6 @@ def test_bpe_merges_reproduce_single_tokens_even_for_overlapping_words():
 # ----------------------------------------------------------------------------- training code
 
 
-@pytest.fixture
-def restore_threads():
-    before = torch.get_num_threads()
-    yield before
-    torch.set_num_threads(before)
-
-
 def test_generator_training_checkpoints_and_resumes(tmp_path, restore_threads):
     from fillup_data.demo.toyworld.train import GeneratorTrainConfig, train_generator
 

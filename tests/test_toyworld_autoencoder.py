@@ -166,13 +166,6 @@ def test_exact_latents_are_what_the_toyworld_unet_has_always_trained_on():
     assert torch.equal(today, exact)
 
 
-@pytest.fixture
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def test_training_records_the_autoencoder_and_neither_resume_nor_export_can_switch(tmp_path, restore_threads):
     from fillup_data.models import load_pipeline
     from fillup_data.demo.toyworld.export import INFO_NAME, export_pipeline

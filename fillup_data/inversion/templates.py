@@ -1,5 +1,6 @@
-"""The prompt templates Textual Inversion trains with: constants only (no torch), so the demo world's caption
-sampler derives its caption prefixes from the same list (``fillup_data.demo.world.CAPTION_PREFIXES``)."""
+"""The prompt templates Textual Inversion trains with, as plain constants in a module of their own, so
+the demo world's caption sampler derives its caption prefixes from the same list
+(``fillup_data.demo.world.CAPTION_PREFIXES``)."""
 
 from __future__ import annotations
 
