@@ -24,16 +24,26 @@ py=${PY:-python3}
 # smaller for a dry run on a CPU: DEVICE=cpu PROBE=40 UNIT=20 CLS_STEPS=20 MEASURE=classifier
 DEVICE=${DEVICE:-cuda} PROBE=${PROBE:-300} UNIT=${UNIT:-1000} CLS_STEPS=${CLS_STEPS:-1200} MEASURE=${MEASURE:-checks words}
 log() { echo "[$(date +%T)] $*" | tee -a "$L/driver.log"; tar -C "$W" -czf "$out/logs.tar.gz" logs; }
-VARIANTS=("base-hard:--unet base --hard-fraction 0.3" "large-hard:--unet large --hard-fraction 0.3" "large-plain:--unet large")
+# NAME:TRAINING-ARGS, separated by ";" (VARIANTS=... overrides); the first run (issue 14) trained the first three
+# at batch 64, the second (the shipped weights) the next three
+VARIANTS_DEFAULT="base-hard:--unet base --hard-fraction 0.3;large-hard:--unet large --hard-fraction 0.3;large-plain:--unet large"
+VARIANTS_DEFAULT="b128-plain:--unet large --batch-size 128;b128-mix15:--unet large --batch-size 128 --hard-fraction 0.15;b128-mix30:--unet large --batch-size 128 --hard-fraction 0.3"
+IFS=';' read -ra VARIANTS <<< "${VARIANTS:-$VARIANTS_DEFAULT}"
+WORKERS=${WORKERS:-4}
 gen() {  # gen NAME WORK STEPS ARGS...
     local name=$1 work=$2 steps=$3; shift 3
     $py scripts/train_toyworld.py generator --work "$work" --autoencoder exact --steps "$steps" --device $DEVICE \
-        --data-workers 4 "$@" > "$L/$name.log" 2>&1
+        --data-workers $WORKERS "$@" > "$L/$name.log" 2>&1
 }
 log "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); torch $($py -c 'import torch;print(torch.__version__)')"
-$py scripts/train_toyworld.py classifier --device $DEVICE --data-workers 2 --classifier-steps $CLS_STEPS --classifier-out "$out/world_classifier.safetensors" \
-    > "$L/classifier.log" 2>&1 &
-cls=$!
+classifier=$out/world_classifier.safetensors
+if [ "$CLS_STEPS" = 0 ]; then  # keep the shipped world classifier (it measures the variants below)
+    classifier=fillup_data/demo/toyworld/world_classifier.safetensors; true & cls=$!
+else
+    $py scripts/train_toyworld.py classifier --device $DEVICE --data-workers 2 --classifier-steps $CLS_STEPS --classifier-out "$classifier" \
+        > "$L/classifier.log" 2>&1 &
+    cls=$!
+fi
 t0=$(date +%s)
 for v in "${VARIANTS[@]}"; do gen "probe-${v%%:*}" "$W/probe-${v%%:*}" $PROBE ${v#*:} & done
 wait $(jobs -p | grep -v "^$cls$")
@@ -51,12 +61,12 @@ EOF
 [ -n "$rate" ] || { log "the probe failed: see logs/probe-*.log"; exit 1; }
 steps=$($py -c "print(max($UNIT, int($rate * $budget) // $UNIT * $UNIT))")
 log "probe took $(( $(date +%s) - t0 )) s; slowest ${rate} steps/s -> $steps steps each"
-wait $cls && log "classifier: $(tail -c 300 "$L/classifier.log" | tr '\r' '\n' | tail -1)"
+wait $cls && [ "$CLS_STEPS" != 0 ] && log "classifier: $(tail -c 300 "$L/classifier.log" | tr '\r' '\n' | tail -1)"
 t0=$(date +%s)
 for v in "${VARIANTS[@]}"; do
     name=${v%%:*}
     tt=$(( $(left) - 120 )); [ $tt -lt $((budget * 3 / 2)) ] || tt=$((budget * 3 / 2))
-    ( timeout $tt bash -c "$(declare -f gen); py=$py L=$L DEVICE=$DEVICE; gen $name $W/$name $steps ${v#*:}"; rc=$?
+    ( timeout $tt bash -c "$(declare -f gen); py=$py L=$L DEVICE=$DEVICE WORKERS=$WORKERS; gen $name $W/$name $steps ${v#*:}"; rc=$?
       echo "[$(date +%T)] $name training exit $rc" >> "$L/driver.log"
       $py scripts/train_toyworld.py export --work "$W/$name" --autoencoder exact --out "$W/$name/pipe" >> "$L/$name.log" 2>&1 \
       && cp "$W/$name/generator/state.json" "$W/$name/pipe/train_state.json" \
@@ -68,7 +78,7 @@ for v in "${VARIANTS[@]}"; do
     name=${v%%:*}
     [ -f "$out/$name.tar.gz" ] || continue
     timeout $(( $(left) - 15 )) $py scripts/train_toyworld.py measure --parts $MEASURE --device $DEVICE --out "$W/$name/pipe" \
-        --classifier-out "$out/world_classifier.safetensors" --work "$W/$name/measure" > "$L/$name-measure.log" 2>&1 &
+        --classifier-out "$classifier" --work "$W/$name/measure" > "$L/$name-measure.log" 2>&1 &
 done
 wait
 for v in "${VARIANTS[@]}"; do

@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--unet", choices=["base", "large"], default="large", help="the generator UNet's width")
     p.add_argument("--hard-fraction", type=float, default=0.0,
                    help="share of the generator's pretraining images with the harder backgrounds (world.draw(hard=True))")
+    p.add_argument("--batch-size", type=int, default=64, help="generator images per step")
     p.add_argument("--classifier-steps", type=int, default=1200, help="world classifier training steps")
     p.add_argument("--classifier-out", default=None, help="world classifier weights (default: the package's)")
     args = p.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
     cfg = train.GeneratorTrainConfig(seed=args.seed, autoencoder=args.autoencoder, unet=args.unet,
-                                     hard_fraction=args.hard_fraction)
+                                     hard_fraction=args.hard_fraction, batch_size=args.batch_size)
     if args.steps is not None:
         cfg.steps = args.steps
     if args.stage == "all":

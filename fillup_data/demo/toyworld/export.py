@@ -31,6 +31,8 @@ def reproduce_command(config: dict, steps: int) -> str:
            f" --autoencoder {config.get('autoencoder', 'trained')} --unet {config.get('unet', 'base')}")
     if config.get("hard_fraction", 0.0):
         cmd += f" --hard-fraction {config['hard_fraction']:g}"
+    if config.get("batch_size", 64) != 64:
+        cmd += f" --batch-size {config['batch_size']}"
     if config.get("seed", 0):
         cmd += f" --seed {config['seed']}"
     return cmd
