@@ -83,11 +83,34 @@ class DemoSource(_SourceCommon):
     # the harder backgrounds of fillup_data.demo.world (more background colours, stronger textures, small
     # distractor shapes): the miniature experiment's, so that many-shot classes are not solved outright
     hard_backgrounds: bool = False
+    # the classes by name ("red circle": colour, then shape), most images first; default: the world's first
+    # num_classes pairs, spread so that neighbours differ in both shape and colour. The miniature names
+    # confusable ones (near colours, near shapes) among its head classes.
+    classes: list[str] | None = None
 
     @model_validator(mode="after")
     def _check_range(self) -> "DemoSource":
         if self.min_images > self.max_images:
             raise ValueError(f"min_images ({self.min_images}) must be <= max_images ({self.max_images})")
+        if self.classes is not None:
+            from fillup_data.demo.world import parse_class_name
+
+            seen = {}
+            for i, name in enumerate(self.classes):
+                try:
+                    pair = parse_class_name(name)
+                except ValueError as e:
+                    raise ValueError(f"classes[{i}]: {e}") from None
+                if pair in seen:
+                    raise ValueError(f"classes[{i}]: {name!r} is already classes[{seen[pair]}]")
+                seen[pair] = i
+            if "num_classes" in self.model_fields_set and self.num_classes != len(self.classes):
+                raise ValueError(f"num_classes ({self.num_classes}) differs from the {len(self.classes)} names in classes; "
+                                 "give one of them")
+            if not 10 <= len(self.classes) <= 48:
+                raise ValueError(f"classes: {len(self.classes)} names; the demo source takes 10 to 48")
+            if self.num_classes != len(self.classes):
+                self.num_classes = len(self.classes)  # (assignment validates the model again: only once)
         return self
 
 

@@ -19,7 +19,8 @@ class DemoSource(Source):
         super().__init__()
         self.cfg = cfg
         self.seed = seed
-        self.classes = world.world_classes(cfg.num_classes)
+        self.classes = ([world.parse_class_name(n) for n in cfg.classes] if cfg.classes is not None
+                        else world.world_classes(cfg.num_classes))
         self.class_names = [world.class_name(s, c) for s, c in self.classes]
         self.train_counts = world.longtail_counts(cfg.num_classes, cfg.max_images, cfg.min_images)
 

@@ -70,6 +70,15 @@ def class_name(shape: str, colour: str) -> str:
     return f"{colour} {shape}"
 
 
+def parse_class_name(name: str) -> tuple[str, str]:
+    """``class_name``'s inverse: "red circle" -> ("circle", "red"); ValueError naming what is unknown."""
+    parts = name.split()
+    if len(parts) != 2 or parts[0] not in COLOURS or parts[1] not in SHAPES:
+        raise ValueError(f"{name!r} is not \"COLOUR SHAPE\" with a colour of {', '.join(COLOURS)} "
+                         f"and a shape of {', '.join(SHAPES)}")
+    return parts[1], parts[0]
+
+
 def caption(shape: str, colour: str, background: str) -> str:
     return f"a {colour} {shape} on a {background} background"
 
