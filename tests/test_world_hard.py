@@ -117,7 +117,7 @@ def test_unet_width_and_hard_share_are_recorded_resume_checked_and_exported(tmp_
     out = export_pipeline(tmp_path, cfg, tmp_path / "out")
     info = json.loads((out / INFO_NAME).read_text())
     assert info["reproduce"] == ("python scripts/train_toyworld.py all --work build/toyworld-train --steps 1 "
-                                 "--autoencoder exact --unet large --hard-fraction 0.3")
+                                 "--autoencoder exact --unet large --hard-fraction 0.3 --batch-size 2")
     pipe = load_pipeline(str(out), dtype="float32", device="cpu")
     assert list(pipe.unet.config.block_out_channels) == tw.UNET_SIZES["large"]
     # a run stopped before its last step says so in the command it records
@@ -148,3 +148,45 @@ def test_world_classifier_trains_on_the_mix_and_reports_hard_accuracy(tmp_path, 
     with safe_open(str(path), "pt") as f:
         training = json.loads(f.metadata()["training"])
     assert training["hard_fraction"] == 0.3 and set(training["report_hard_backgrounds"]) >= {"both_accuracy", "n"}
+
+
+def test_train_script_passes_batch_size_into_the_recorded_config(tmp_path, restore_threads):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_toyworld", Path(__file__).parents[1] / "scripts" / "train_toyworld.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["generator", "--work", str(tmp_path), "--steps", "1", "--batch-size", "3", "--unet", "base",
+                        "--threads", "1"]) == 0
+    config = json.loads((tmp_path / "generator" / "state.json").read_text())["config"]
+    assert config["batch_size"] == 3 and config["unet"] == "base"
+
+
+def test_the_hard_measure_inverts_from_harder_background_images(tmp_path, monkeypatch):
+    """``measure --parts hard``: the Textual Inversion check learns each token from images with the harder
+    backgrounds (the miniature's real images) and reports them in their own table."""
+    import fillup_data.inversion as inversion
+    from fillup_data.demo.toyworld import evaluate as ev
+
+    seen = {}
+
+    def fake_invert(pipe, jobs, **kw):
+        for job in jobs:
+            seen[job.class_name] = job.images
+        return [job.out_path for job in jobs]
+
+    monkeypatch.setattr(inversion, "invert_classes", fake_invert)
+    report = ev.FidelityReport()
+    report.per_class = {ev.world.class_name(s, c): {"both": 0.5, "shape": 0.5, "colour": 1.0, "n": 16}
+                        for s, c in ev.DEMO_HELD_OUT}
+    monkeypatch.setattr(ev, "token_fidelity", lambda *a, **k: report)
+    monkeypatch.setattr(ev, "zeroed_token", lambda p, out: out)
+    result = ev.measure(None, None, parts=["hard"], work_dir=tmp_path, progress=False)
+    for shape, colour in ev.DEMO_HELD_OUT:
+        images = seen[world.class_name(shape, colour)]
+        assert len(images) == ev.CHECK_TI_IMAGES
+        hard = world.draw(shape, colour, [0, 0xE1, 3], hard=True)[0]
+        assert np.array_equal(np.asarray(images[3]), np.asarray(hard))
+    md = ev.results_markdown(result, machine="m", date="d", command="c", commit="x")
+    assert "from harder-background images | 64 | 0.500 | 0.500 | 1.000 |" in md

@@ -157,14 +157,15 @@ def invert_world_class(
 
 
 def invert_world_classes(pipe, combos, *, n_images: int = 10, steps: int = 600, num_vectors: int = 4,
-                         seed: int = 0, out_dir: str | Path | None = None) -> dict[tuple[str, str], Path]:
+                         seed: int = 0, out_dir: str | Path | None = None, hard: bool = False) -> dict[tuple[str, str], Path]:
     """Tokens for several (shape, colour) classes learned jointly (one UNet pass per step for all, as a
-    build's ``invert_classes`` does), each from ``n_images`` of its own world images."""
+    build's ``invert_classes`` does), each from ``n_images`` of its own world images (``hard``: with the
+    harder backgrounds, as the miniature experiment's real images)."""
     from fillup_data.inversion import InversionJob, invert_classes
 
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="toyworld-ti-"))
     jobs = [
-        InversionJob(i, world.class_name(s, c), [world.draw(s, c, [seed, 0xE1, k])[0] for k in range(n_images)],
+        InversionJob(i, world.class_name(s, c), [world.draw(s, c, [seed, 0xE1, k], hard=hard)[0] for k in range(n_images)],
                      out_dir / f"{i:05d}.safetensors")
         for i, (s, c) in enumerate(combos)
     ]
@@ -201,12 +202,13 @@ def prompt_check(pipe, classifier, seed: int = 0) -> dict[str, FidelityReport]:
     }
 
 
-def inversion_check(pipe, classifier, out_dir: str | Path, seed: int = 0) -> dict[str, FidelityReport]:
+def inversion_check(pipe, classifier, out_dir: str | Path, seed: int = 0, hard: bool = False) -> dict[str, FidelityReport]:
     """Textual Inversion on all the demo's held-out classes (the tests' settings), and the control:
-    the same tokens with their vectors zeroed."""
+    the same tokens with their vectors zeroed. ``hard``: the class images have the harder backgrounds
+    (the miniature experiment's situation; the generated images are scored the same way)."""
     out_dir = Path(out_dir)
     tokens = invert_world_classes(pipe, list(DEMO_HELD_OUT), n_images=CHECK_TI_IMAGES, steps=CHECK_TI_STEPS,
-                                  seed=seed, out_dir=out_dir)
+                                  seed=seed, out_dir=out_dir, hard=hard)
     zeroed = {k: zeroed_token(p, out_dir / f"zeroed-{p.name}") for k, p in tokens.items()}
     kw = {"guidance": CHECK_GUIDANCE, "steps": CHECK_STEPS, "seed": seed}
     return {"token": token_fidelity(pipe, classifier, tokens, CHECK_TI_PER_CLASS, **kw),
@@ -237,7 +239,7 @@ def image_grid(images, cols: int = 8):
     return grid
 
 
-MEASURE_PARTS = ("classifier", "words", "inversion", "checks")
+MEASURE_PARTS = ("classifier", "words", "inversion", "checks", "hard")
 
 
 def measure(pipe, classifier, *, n_per: int = 16, steps: int = 25, ti_classes=None, ti_steps: int = 600,
@@ -246,7 +248,8 @@ def measure(pipe, classifier, *, n_per: int = 16, steps: int = 25, ti_classes=No
     """The numbers behind benchmarks/RESULTS.md "toyworld": ``classifier`` (accuracy on fresh images),
     ``words`` (prompt fidelity, 8 seen and 8 held-out pairs, guidance 1 and 3, ``n_per`` images per pair),
     ``inversion`` (Textual Inversion vs words on held-out classes, ``2 * n_per`` images per class and
-    setting), ``checks`` (what the tests assert, at the tests' settings)."""
+    setting), ``checks`` (what the tests assert, at the tests' settings), ``hard`` (the Textual Inversion check
+    from images with the harder backgrounds: can the generator draw the miniature experiment's classes)."""
     import time
 
     from fillup_data.demo.toyworld.classifier import evaluate_classifier
@@ -310,6 +313,14 @@ def measure(pipe, classifier, *, n_per: int = 16, steps: int = 25, ti_classes=No
             checks[name] = _report_dict(r)
             say(f"check {name}: both {r.both:.3f} per class {json.dumps({k: v['both'] for k, v in r.per_class.items()})}")
         out["checks"] = checks
+    if "hard" in parts:
+        work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="toyworld-check-"))
+        hard = {"ti_images": CHECK_TI_IMAGES, "ti_steps": CHECK_TI_STEPS, "ti_per_class": CHECK_TI_PER_CLASS,
+                "guidance": CHECK_GUIDANCE, "ddim_steps": CHECK_STEPS}
+        for name, r in inversion_check(pipe, classifier, work / "hard-tokens", seed=seed, hard=True).items():
+            hard[name] = _report_dict(r)
+            say(f"hard-background {name}: both {r.both:.3f} per class {json.dumps({k: v['both'] for k, v in r.per_class.items()})}")
+        out["hard"] = hard
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -391,6 +402,25 @@ def results_markdown(result: dict, *, machine: str, date: str, command: str, com
         lines += ["", "Per class, token (zeroed): " + ", ".join(
             f"{name} {v['both']:.3f} ({k['zeroed_token']['per_class'][name]['both']:.3f})"
             for name, v in k["token"]["per_class"].items()) + "."]
+    if "hard" in result:
+        k = result["hard"]
+        n_ti = len(k["token"]["per_class"])
+        lines += [
+            "",
+            f"Textual Inversion from images with the harder backgrounds (the miniature experiment's real images: "
+            f"{k['ti_images']} per class, {k['ti_steps']} steps, jointly; guidance {k['guidance']:g}, DDIM "
+            f"{k['ddim_steps']} steps):",
+            "",
+            "| check | images | both right | shape right | colour right |",
+            "|---|---|---|---|---|",
+            f"| tokens of the demo's {n_ti} held-out classes, from harder-background images | {n_ti * k['ti_per_class']} "
+            f"| {_cells(k['token'])} |",
+            f"| the same tokens zeroed (control) | {n_ti * k['ti_per_class']} | {_cells(k['zeroed_token'])} |",
+            "",
+            "Per class, token (zeroed): " + ", ".join(
+                f"{name} {v['both']:.3f} ({k['zeroed_token']['per_class'][name]['both']:.3f})"
+                for name, v in k["token"]["per_class"].items()) + ".",
+        ]
     if notes:
         lines += ["", notes]
     return "\n".join(lines) + "\n"
