@@ -9,9 +9,9 @@
     python scripts/train_toyworld.py measure --parts checks              # only what the tests assert
 
 The defaults are the shipped generator's settings: the exact space-to-depth autoencoder, the "large"
-UNet (6.6M parameters), 6,000 steps of batch 64 on the plain world. On a GPU machine add
-``--device cuda --data-workers 4`` (same data stream; about 6 minutes on an H200, several hours on 2
-CPU cores); ``scripts/toyworld_gpu.sh`` is the one-sitting GPU run that trained the shipped weights.
+UNet (6.6M parameters), 5,000 steps of batch 128, 15% of the images with the harder backgrounds. On a GPU
+machine add ``--device cuda --data-workers 4`` (same data stream; about 6 minutes on an H200, many hours
+on 2 CPU cores); ``scripts/toyworld_gpu.sh`` is the one-sitting GPU run that trained the shipped weights.
 ``--autoencoder trained`` (with the ``vae`` stage) is the earlier VAE approximation.
 
 Seeded: the same commands give the same weights on the same machine and library versions.
@@ -32,12 +32,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["generator", "vae", "classifier", "export", "all", "measure"])
     p.add_argument("--work", default="build/toyworld-train", help="checkpoints and logs (resumable)")
-    p.add_argument("--steps", type=int, default=None, help="generator steps (default 6000)")
+    p.add_argument("--steps", type=int, default=None, help="generator steps (default 5000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="pipeline folder (default: the package's demo/toyworld/pipeline)")
     p.add_argument("--ti-steps", type=int, default=600, help="Textual Inversion steps in `measure`")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: chosen per step by measurement)")
-    p.add_argument("--parts", nargs="+", default=None, help="measure only these parts: classifier words inversion checks")
+    p.add_argument("--parts", nargs="+", default=None, help="measure only these parts: classifier words inversion checks hard")
     p.add_argument("--autoencoder", choices=["trained", "exact"], default="exact",
                    help="the generator's autoencoder: the trained VAE approximation, or exact space-to-depth "
                         "(fixed per --work dir: a resumed run or its export must name the same)")
@@ -46,9 +46,10 @@ def main(argv=None) -> int:
     p.add_argument("--data-workers", type=int, default=0,
                    help="processes drawing the world's images ahead of the model (a GPU run needs several)")
     p.add_argument("--unet", choices=["base", "large"], default="large", help="the generator UNet's width")
-    p.add_argument("--hard-fraction", type=float, default=0.0,
-                   help="share of the generator's pretraining images with the harder backgrounds (world.draw(hard=True))")
-    p.add_argument("--batch-size", type=int, default=64, help="generator images per step")
+    p.add_argument("--hard-fraction", type=float, default=None,
+                   help="share of the generator's pretraining images with the harder backgrounds (world.draw(hard=True); "
+                        "default 0.15)")
+    p.add_argument("--batch-size", type=int, default=None, help="generator images per step (default 128)")
     p.add_argument("--classifier-steps", type=int, default=1200, help="world classifier training steps")
     p.add_argument("--classifier-out", default=None, help="world classifier weights (default: the package's)")
     args = p.parse_args(argv)
@@ -59,10 +60,10 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     work = Path(args.work)
-    cfg = train.GeneratorTrainConfig(seed=args.seed, autoencoder=args.autoencoder, unet=args.unet,
-                                     hard_fraction=args.hard_fraction, batch_size=args.batch_size)
-    if args.steps is not None:
-        cfg.steps = args.steps
+    cfg = train.GeneratorTrainConfig(seed=args.seed, autoencoder=args.autoencoder, unet=args.unet)
+    for name in ("steps", "batch_size", "hard_fraction"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
     if args.stage == "all":
         stages = ["classifier", "vae", "generator", "export"] if args.autoencoder == "trained" else ["classifier", "generator", "export"]
     else:

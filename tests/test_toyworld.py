@@ -252,7 +252,16 @@ def test_shipped_pipeline_loads_with_stock_from_pretrained():
     assert pipe.unet.config.in_channels == 12 and pipe.vae_scale_factor == 2
     assert list(pipe.unet.config.block_out_channels) == tw.UNET_SIZES["large"]
     info = json.loads((folder / "fillup_toyworld.json").read_text())
-    assert info["generator_training"]["steps_done"] == info["generator_training"]["config"]["steps"] == 6000
+    import dataclasses
+
+    from fillup_data.demo.toyworld.train import GeneratorTrainConfig
+
+    training = info["generator_training"]
+    assert training["steps_done"] == training["config"]["steps"] == 5000
+    # the second GPU sitting's settings (results/toyworld_training), which are the training defaults
+    assert training["config"]["batch_size"] == 128 and training["config"]["hard_fraction"] == 0.15
+    defaults = dataclasses.asdict(GeneratorTrainConfig())
+    assert {k: v for k, v in training["config"].items() if k in defaults} == defaults
     total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert total <= 20 * 10**6  # issue 14: weights at most 20 MB
 

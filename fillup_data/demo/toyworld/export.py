@@ -29,10 +29,8 @@ def reproduce_command(config: dict, steps: int) -> str:
     stream; its float sums differ, so weights of the same quality, not the same bytes."""
     cmd = (f"python scripts/train_toyworld.py all --work build/toyworld-train --steps {steps}"
            f" --autoencoder {config.get('autoencoder', 'trained')} --unet {config.get('unet', 'base')}")
-    if config.get("hard_fraction", 0.0):
-        cmd += f" --hard-fraction {config['hard_fraction']:g}"
-    if config.get("batch_size", 64) != 64:
-        cmd += f" --batch-size {config['batch_size']}"
+    cmd += f" --hard-fraction {config.get('hard_fraction', 0.0):g}"  # always: the default changed once
+    cmd += f" --batch-size {config.get('batch_size', 64)}"  # always: the default changed once
     if config.get("seed", 0):
         cmd += f" --seed {config['seed']}"
     return cmd
