@@ -92,8 +92,12 @@ class DemoSource(_SourceCommon):
     def _check_range(self) -> "DemoSource":
         if self.min_images > self.max_images:
             raise ValueError(f"min_images ({self.min_images}) must be <= max_images ({self.max_images})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> "DemoSource":
         if self.classes is not None:
-            from fillup_data.demo.world import parse_class_name
+            from fillup_data.demo.world import parse_class_name  # the world's names (imported only when used)
 
             seen = {}
             for i, name in enumerate(self.classes):

@@ -190,3 +190,18 @@ def test_the_hard_measure_inverts_from_harder_background_images(tmp_path, monkey
         assert np.array_equal(np.asarray(images[3]), np.asarray(hard))
     md = ev.results_markdown(result, machine="m", date="d", command="c", commit="x")
     assert "from harder-background images | 64 | 0.500 | 0.500 | 1.000 |" in md
+
+
+def test_gpu_script_variants_spell_out_batch_and_hard_share():
+    """The training defaults changed (batch 64 -> 128, hard share 0 -> 0.15): a variant of
+    scripts/toyworld_gpu.sh that left them out would silently train something else than its name says."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "scripts" / "toyworld_gpu.sh").read_text()
+    default = re.search(r'^VARIANTS_DEFAULT="([^"]+)"', text, re.M).group(1)
+    variants = dict(v.split(":", 1) for v in default.split(";"))
+    assert set(variants) == {"b128-plain", "b128-mix15", "b128-mix30"}
+    for name, args in variants.items():
+        assert "--batch-size 128" in args and "--hard-fraction" in args, name
+    assert "--hard-fraction 0 " in variants["b128-plain"] + " "

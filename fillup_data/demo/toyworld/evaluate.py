@@ -399,9 +399,7 @@ def results_markdown(result: dict, *, machine: str, date: str, command: str, com
         lines.append(f"| Textual Inversion, the demo's {n_ti} held-out classes ({k['ti_images']} images, "
                      f"{k['ti_steps']} steps, jointly) | {n_ti * k['ti_per_class']} | {_cells(k['token'])} |")
         lines.append(f"| the same tokens zeroed (control) | {n_ti * k['ti_per_class']} | {_cells(k['zeroed_token'])} |")
-        lines += ["", "Per class, token (zeroed): " + ", ".join(
-            f"{name} {v['both']:.3f} ({k['zeroed_token']['per_class'][name]['both']:.3f})"
-            for name, v in k["token"]["per_class"].items()) + "."]
+        lines += ["", _per_class_line(k)]
     if "hard" in result:
         k = result["hard"]
         n_ti = len(k["token"]["per_class"])
@@ -417,13 +415,18 @@ def results_markdown(result: dict, *, machine: str, date: str, command: str, com
             f"| {_cells(k['token'])} |",
             f"| the same tokens zeroed (control) | {n_ti * k['ti_per_class']} | {_cells(k['zeroed_token'])} |",
             "",
-            "Per class, token (zeroed): " + ", ".join(
-                f"{name} {v['both']:.3f} ({k['zeroed_token']['per_class'][name]['both']:.3f})"
-                for name, v in k["token"]["per_class"].items()) + ".",
+            _per_class_line(k),
         ]
     if notes:
         lines += ["", notes]
     return "\n".join(lines) + "\n"
+
+
+def _per_class_line(k: dict) -> str:
+    """Each class's both-right rate from its token, and in brackets from the same token zeroed."""
+    return "Per class, token (zeroed): " + ", ".join(
+        f"{name} {v['both']:.3f} ({k['zeroed_token']['per_class'][name]['both']:.3f})"
+        for name, v in k["token"]["per_class"].items()) + "."
 
 
 def _cells(r: dict) -> str:
