@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from tqdm.auto import tqdm
-
 from fillup_data import __version__
 from fillup_data.errors import FillupError
 from fillup_data.executors import ExecutionReport, Executor
 from fillup_data.index import SourceIndex
 from fillup_data.plan import Plan, ShardPlan, make_plan
+from fillup_data.progress import Ticker, attach_log, detach_log, duration, note, progress_bar, warn
 from fillup_data.recipe import Recipe, fingerprint, model_revision
 from fillup_data.shards.writer import remove_stale_temps
 from fillup_data.stages.assemble import assemble, drop_mismatched_shards
@@ -123,7 +122,7 @@ def _check_output(out: Path, force: bool, inputs: dict[str, Path]) -> None:
             )
 
 
-def _clear_build_outputs(out: Path, log) -> None:
+def _clear_build_outputs(out: Path) -> None:
     """Delete what a build writes (BUILD_OUTPUTS) and nothing else; keep the lock we hold."""
     for name in BUILD_OUTPUTS:
         path = out / name
@@ -137,11 +136,11 @@ def _clear_build_outputs(out: Path, log) -> None:
             path.unlink()
     left = sorted(p.name for p in out.iterdir() if p.name not in BUILD_OUTPUTS)
     if left:
-        log(f"--force: deleted the earlier build's files; left {len(left)} other entr{'y' if len(left) == 1 else 'ies'} "
+        warn(f"--force: deleted the earlier build's files; left {len(left)} other entr{'y' if len(left) == 1 else 'ies'} "
             f"in {out} untouched: {', '.join(left[:10])}{', ...' if len(left) > 10 else ''}")
 
 
-def _claim_output(recipe: Recipe, out: Path, fp: str, force: bool, log=print, remove_temps: bool = True) -> None:
+def _claim_output(recipe: Recipe, out: Path, fp: str, force: bool, log=note, remove_temps: bool = True) -> None:
     """Under the lock: resume a build of this recipe, refuse (or with --force clear) another one."""
     state = _state(out)
     record = state / "build.json"
@@ -153,7 +152,7 @@ def _claim_output(recipe: Recipe, out: Path, fp: str, force: bool, log=print, re
                 what = (f"holds a build of a different recipe (fingerprint {str(old_fp)[:12]} != {fp[:12]})" if old
                         else f"holds a build whose record {record} is unreadable")
                 raise FillupError(f"{out} {what}: use another --out, or --force to delete it and start over")
-            _clear_build_outputs(out, log)
+            _clear_build_outputs(out)
     (state / "shards").mkdir(parents=True, exist_ok=True)
     if not record.is_file():
         write_json_atomic(record, {"fingerprint": fp, "package_version": __version__, "recipe": recipe.resolved()})
@@ -162,11 +161,11 @@ def _claim_output(recipe: Recipe, out: Path, fp: str, force: bool, log=print, re
         log(f"removed {len(stale)} partial shard file(s) a stopped build left: {', '.join(stale[:5])}")
 
 
-def load_or_build_index(recipe: Recipe, out: Path, workers: int) -> SourceIndex:
+def load_or_build_index(recipe: Recipe, out: Path, workers: int, log=note) -> SourceIndex:
     # reuses .fillup/index.json only while the source is what was indexed (else exit 2, saying what changed)
     from fillup_data.index import resume_or_build_index
 
-    return resume_or_build_index(recipe, _state(out) / "index.json", workers)
+    return resume_or_build_index(recipe, _state(out) / "index.json", workers, log)
 
 
 # --------------------------------------------------------------------------- phase A/B through an executor
@@ -184,18 +183,18 @@ def run_real_shards_in_pool(recipe: Recipe, plan: Plan, out: Path, class_names: 
     todo = [s for s in plan.shards if s.origin == "real" and shard_done(out, s) is None]
     if not todo:
         return []
-    bar = tqdm(total=sum(len(s.samples) for s in todo), desc="real shards", unit="img", disable=not progress)
+    bar = progress_bar(sum(s.num_samples for s in todo), "real shards", "img", enabled=progress)
     if workers <= 1 or len(todo) == 1:
         for s in todo:
             save_shard_record(out, s, write_real_shard(recipe, s, out, class_names))
-            bar.update(len(s.samples))
+            bar.update(s.num_samples)
     else:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
             futures = {pool.submit(write_real_shard, recipe, s, out, class_names): s for s in todo}
             for fut in futures:  # submission order: deterministic records, progress as shards finish
                 s = futures[fut]
                 save_shard_record(out, s, fut.result())
-                bar.update(len(s.samples))
+                bar.update(s.num_samples)
     bar.close()
     return [s.path for s in todo]
 
@@ -238,8 +237,10 @@ def _run_tasks(recipe: Recipe, plan: Plan, out: Path, executor, progress: bool, 
     probe._plan = plan
     log(f"[3-5/6] real shards + invert, then generate: {sum(len(p) for p in phases)} tasks in {len(phases)} "
         f"phase(s), {plan.num_synthetic:,} synthetic images")
-    report = execute(phases, BuildRunnerFactory(recipe.resolved(), str(out), progress), _state(out),
-                     _Borrowed(executor), is_done=probe.is_done)
+    started = time.time()
+    with Ticker(lambda: overall_line(out, plan, phases, probe.is_done, started)):
+        report = execute(phases, BuildRunnerFactory(recipe.resolved(), str(out), progress), _state(out),
+                         _Borrowed(executor), is_done=probe.is_done)
     _raise_failures(report, out)
     return report
 
@@ -329,9 +330,23 @@ def phase_lines(out: str | os.PathLike) -> list[str]:
 
 def _generation_rate(out: Path, plan: Plan) -> str:
     synthetic = [s for s in plan.shards if s.origin == "synthetic"]
-    done = [(shard_record_path(out, s.name).stat().st_mtime, len(s.samples)) for s in synthetic
+    done = [(shard_record_path(out, s.name).stat().st_mtime, s.num_samples) for s in synthetic
             if shard_done(out, s) is not None]
-    return rate_and_eta(done, sum(len(s.samples) for s in synthetic))
+    return rate_and_eta(done, sum(s.num_samples for s in synthetic))
+
+
+def overall_line(out: Path, plan: Plan, phases, is_done, started: float) -> str:
+    """The build's one progress line for a log (every ``FILLUP_PROGRESS_INTERVAL`` seconds while tasks
+    run): each phase's tasks done, and for generation the images made, the rate and an ETA, all read from
+    the build folder, so it holds on any executor."""
+    parts = []
+    for k, phase in enumerate(phases):
+        done = sum(1 for t in phase if is_done(t.id))
+        parts.append(f"phase {'AB'[k]} {done}/{len(phase)} tasks")
+    text = f"build {out.name}: " + ", ".join(parts)
+    if plan.num_synthetic:
+        text += _generation_rate(out, plan).replace(", ", "; generation ", 1)
+    return text + f"; {duration(time.time() - started)} so far"
 
 
 def rate_and_eta(done: list[tuple[float, int]], total: int) -> str:
@@ -346,17 +361,12 @@ def rate_and_eta(done: list[tuple[float, int]], total: int) -> str:
             rate = (made - done[0][1]) / span
             text += f", {rate:.2f} images/s"
             if made < total and rate > 0:
-                text += f", ETA {_duration((total - made) / rate)}"
+                text += f", ETA {duration((total - made) / rate)}"
     return text
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def run_build(recipe: Recipe, out: str | os.PathLike, *, workers: int | None = None, force: bool = False,
-              progress: bool = True, log=print, recipe_path: str | os.PathLike | None = None,
+              progress: bool = True, log=note, recipe_path: str | os.PathLike | None = None,
               executor=None) -> BuildSummary:
     """Run or resume a build in ``out``.  ``recipe_path`` (the recipe's file) is never deleted by --force.
 
@@ -415,7 +425,7 @@ def _drop_dead_temps(out: Path, log, idle_seconds: float | None = None) -> None:
 
 def _index_and_plan(recipe: Recipe, out: Path, workers: int, log) -> tuple[SourceIndex, Plan]:
     log(f"[1/6] index   {recipe.source.kind} source")
-    index = load_or_build_index(recipe, out, workers)
+    index = load_or_build_index(recipe, out, workers, log)
     log(f"[2/6] plan    {len(index.class_names)} classes, fill {recipe.fill.policy}, strategy {recipe.generator.strategy}")
     plan = make_plan(recipe, index)
     write_json_atomic(_state(out) / "plan.json", {"classes": [c.__dict__ for c in plan.classes],
@@ -468,7 +478,7 @@ class _OnceTasks:
     def run(self, task_id: str) -> dict:
         recipe, out = self._recipe(), Path(self.out)
         if task_id == "plan":
-            _claim_output(recipe, out, self.fingerprint, False, print, remove_temps=False)  # others may be writing
+            _claim_output(recipe, out, self.fingerprint, False, note, remove_temps=False)  # others may be writing
             _index_and_plan(recipe, out, self.workers, print)
             return {}
         if task_id != "assemble":
@@ -476,7 +486,7 @@ class _OnceTasks:
         index = load_or_build_index(recipe, out, self.workers)
         plan = make_plan(recipe, index)
         # a temp nobody has written to for a lease belongs to a rank that died mid-shard
-        _drop_dead_temps(out, print, self.lease_seconds)
+        _drop_dead_temps(out, note, self.lease_seconds)
         bad = drop_mismatched_shards(out, plan)
         if bad:
             raise FillupError(f"{', '.join(bad)}: differed from their completion records and were dropped; "
@@ -492,6 +502,21 @@ def _run_build_as_rank(recipe: Recipe, out: Path, fp: str, executor, workers: in
     from fillup_data.executors import RankExecutor, TaskSpec, execute
 
     _state(out).mkdir(parents=True, exist_ok=True)
+    # every rank keeps its own log in the build folder (its progress, notes and warnings), whatever its console
+    log_file = attach_log(rank_log_path(out, executor.rank))
+    try:
+        return _run_rank(recipe, out, fp, executor, workers, progress, log, t0)
+    finally:
+        detach_log(log_file)
+
+
+def rank_log_path(out: Path, rank: int) -> Path:
+    return _state(out) / "logs" / f"rank-{rank:05d}.log"
+
+
+def _run_rank(recipe: Recipe, out: Path, fp: str, executor, workers: int, progress: bool, log, t0: float) -> BuildSummary:
+    from fillup_data.executors import RankExecutor, TaskSpec, execute
+
     once = _OnceTasks(recipe.resolved(), str(out), fp, workers, executor.lease_seconds)
     # plan and assemble get an executor of their own: an executor's workers hold one factory's runner
     once_executor = RankExecutor(executor.rank, executor.world_size, lease_seconds=executor.lease_seconds,

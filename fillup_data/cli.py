@@ -20,6 +20,21 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="override a recipe field (repeatable), e.g. --set fill.target=500")
 
 
+def workers_arg(value: str) -> int:
+    """``--workers N`` or ``auto`` (the CPUs this process may use: a Slurm allocation, not the node)."""
+    if value == "auto":
+        from fillup_data.executors.devices import usable_cpus
+
+        return usable_cpus()
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {value!r}")
+    return n
+
+
 def _load(args):
     from fillup_data.recipe import load_recipe
 
@@ -42,14 +57,15 @@ def cmd_validate(args) -> int:
 
 def cmd_plan(args) -> int:
     from fillup_data.cost import choose_rates, format_cost, work_of
-    from fillup_data.index import build_index
+    from fillup_data.index import index_for_plan
     from fillup_data.plan import format_group_table, make_plan
 
     recipe = _load(args)
     if args.gpus is not None and args.gpus < 1:
         raise FillupError(f"--gpus: must be at least 1, got {args.gpus}")
     t0 = time.time()
-    index = build_index(recipe, workers=args.workers)
+    index, how = index_for_plan(recipe, workers=args.workers, reindex=args.reindex)
+    print(f"index: {how} ({time.time() - t0:.1f}s)")
     plan = make_plan(recipe, index)
     print(f"{recipe.name} {recipe.version}: {len(plan.classes)} classes, imbalance factor {plan.imbalance_factor:.1f}, "
           f"fill {recipe.fill.policy}{'' if recipe.fill.target is None else ' ' + str(recipe.fill.target)}, "
@@ -128,9 +144,9 @@ def cmd_inspect(args) -> int:
     out = Path(args.out)
     manifest = Manifest.read(out / "manifest.json")
     bad = 0
-    from tqdm.auto import tqdm
+    from fillup_data.progress import track
 
-    for s in tqdm(manifest.shards, desc="verify shards", unit="shard"):
+    for s in track(manifest.shards, desc="verify shards", unit="shard"):
         path = out / s.path
         if not path.is_file():
             print(f"MISSING  {s.path}")
@@ -176,7 +192,7 @@ def _pick_classes(spec: str, names: list[str]) -> list[int]:
 def cmd_preview(args) -> int:
     """Invert a few classes with the recipe's settings and draw real vs synthetic, before a full build."""
     from fillup_data.generation import SampleSpec, preview_grid
-    from fillup_data.index import build_index
+    from fillup_data.index import index_for_plan
     from fillup_data.generation.strategies import strategy_class
     from fillup_data.plan import make_plan, sample_seed
     from fillup_data import synthesis
@@ -185,7 +201,7 @@ def cmd_preview(args) -> int:
     if recipe.generator.strategy == "none":
         raise FillupError("generator.strategy is none: there is nothing to preview")
     t0 = time.time()
-    index = build_index(recipe, workers=args.workers)
+    index, _ = index_for_plan(recipe, workers=args.workers)
     plan = make_plan(recipe, index)
     classes = _pick_classes(args.classes, index.class_names)
     work = Path(args.tokens) if args.tokens else Path(args.out).with_suffix("").with_name(Path(args.out).stem + "-tokens")
@@ -268,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="index the source and print the fill-up plan per group")
     _add_recipe_args(p)
-    p.add_argument("--workers", type=int, default=1, help="processes that verify images")
+    p.add_argument("--workers", type=workers_arg, default="auto",
+                   help="processes that decode images when the source is indexed (default: auto, every usable CPU)")
+    p.add_argument("--reindex", action="store_true",
+                   help="decode the source again even when its kept index is still valid")
     p.add_argument("--json", help="also write the plan's class table to this JSON file")
     p.add_argument("--gpus", type=int, default=None, help="also estimate the wall-clock time on this many GPUs")
     p.set_defaults(func=cmd_plan)
@@ -282,10 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="run (or resume) a build: tokens + shards + manifest + card")
     _add_recipe_args(p)
     p.add_argument("--out", required=True, help="output folder (relaunch with the same folder to resume)")
-    p.add_argument("--workers", type=int, default=None, help="CPU processes for indexing and real shards")
+    p.add_argument("--workers", type=workers_arg, default=None,
+                   help="CPU processes for indexing and real shards (default: every usable CPU, at most 8; or auto)")
     p.add_argument("--force", action="store_true",
                    help="if OUT holds another recipe's build, delete that build's files (never other files) and start over")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: one worker per visible GPU (in-process on CPU); ray: actors on a Ray cluster")
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
@@ -313,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="images per class and side")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--tokens", help="folder for the preview's token and prompts files (default: next to --out)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=workers_arg, default="auto", help="processes that decode images when indexing")
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("regenerate", help="regenerate one synthetic sample of a build from its metadata")
@@ -339,12 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add in (add_publish_parser, add_train_parser, add_eval_parser, add_quality_parsers, add_compare_parser):
         add(sub)
+    for p in sub.choices.values():  # the same flag on every command
+        if "--quiet" not in p._option_string_actions:
+            p.add_argument("--quiet", action="store_true",
+                           help="no progress bars or lines and no information lines: warnings and the summary only")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fillup_data import progress
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = progress.configure(quiet=getattr(args, "quiet", False))
     try:
         return int(args.func(args) or 0)
     except FillupError as err:
@@ -356,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: relaunch the same command to resume where it stopped", file=sys.stderr)
         return 130
+    finally:
+        progress.restore(previous)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -95,9 +94,9 @@ def shipped_rates() -> Rates:
 
 def rates_dir() -> Path:
     """``$FILLUP_CACHE/rates`` or ``~/.cache/fillup-data/rates``."""
-    root = os.environ.get("FILLUP_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "fillup-data"
-    return base / "rates"
+    from fillup_data.cache import cache_dir
+
+    return cache_dir("rates")
 
 
 def _slug(text: str) -> str:
@@ -162,10 +161,12 @@ def _cached_hub_unet_config(model: str, revision: str | None) -> Path | None:
 def choose_rates(recipe: Recipe, device_kind: str | None = None) -> tuple[Rates | None, str]:
     """Bench rates for this model and device kind if present, else the shipped ones if they apply.
     Returns ``(None, reason)`` when neither does."""
-    kind = device_kind if device_kind is not None else this_device_kind()
-    path = bench_rates_path(recipe, kind)
-    if path.is_file():
-        return read_rates(path, measured_here=True), ""
+    # the device kind needs torch (half a gigabyte): asked only when this model has bench rates at all
+    measured = device_kind is not None or any(rates_dir().glob(f"{_slug(model_key(recipe))}--*.json"))
+    if measured:
+        path = bench_rates_path(recipe, device_kind if device_kind is not None else this_device_kind())
+        if path.is_file():
+            return read_rates(path, measured_here=True), ""
     applies, why = shipped_rates_apply(recipe)
     if applies:
         return shipped_rates(), why

@@ -39,9 +39,9 @@ def configure_compile_cache() -> Path | None:
     point ``FILLUP_CACHE`` at a shared filesystem so a worker reuses what another compiled."""
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    root = os.environ.get("FILLUP_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "fillup-data"
-    path = base / "inductor"
+    from fillup_data.cache import cache_dir
+
+    path = cache_dir("inductor")
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")

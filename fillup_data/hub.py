@@ -454,8 +454,7 @@ def publish(
     the logged-in one.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-    from tqdm.auto import tqdm
-
+    from fillup_data.progress import progress_bar, track
     from fillup_data.shards.card import render_card
 
     out = Path(out_dir)
@@ -526,7 +525,7 @@ def publish(
         _check_repo_holds_this_dataset(api, repo_id, head, remote, manifest, data + final, url, retry)
 
     unchanged, todo = [], []
-    for f in tqdm(data, desc="compare with remote", unit="file", disable=not progress or not data):
+    for f in track(data, desc="compare with remote", unit="file", enabled=progress and bool(data)):
         (unchanged if _same_as_remote(f, remote.get(f.path)) else todo).append(f)
     keep = {f.path for f in data} | {"README.md", "manifest.json"}
     # Files of an earlier version under data/ and tokens/ would be picked up by the card's globs.
@@ -557,7 +556,7 @@ def publish(
 
     uploaded: list[str] = []
     batches = _batches(todo, max_files_per_commit, max_bytes_per_commit)
-    bar = tqdm(total=todo_bytes, desc="upload", unit="B", unit_scale=True, disable=not progress or not todo)
+    bar = progress_bar(todo_bytes, "upload", "B", enabled=progress and bool(todo), unit_scale=True)
     try:
         for i, batch in enumerate(batches, 1):
             what = f"uploading batch {i}/{len(batches)} ({len(batch)} files)"
@@ -676,7 +675,7 @@ def add_publish_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="read the repo and list what would be uploaded and deleted; change nothing")
     p.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx/lost connections (default 5)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (--quiet also drops information lines)")
     p.set_defaults(func=cmd_publish)
 
 
@@ -684,5 +683,5 @@ def cmd_publish(args) -> int:
     # The token comes from HF_TOKEN or `hf auth login`, never from the command line (it would land
     # in shell history and process listings).
     publish(args.out, args.repo, tag=args.tag, private=args.private, include_real=args.include_real,
-            max_retries=args.max_retries, progress=not args.no_progress, dry_run=args.dry_run)
+            max_retries=args.max_retries, progress=not (args.no_progress or args.quiet), dry_run=args.dry_run)
     return 0

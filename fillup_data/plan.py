@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,12 +76,79 @@ class SyntheticSample:
     token_step: int  # -1 where the strategy uses no learned token
 
 
+class _RealSpace:
+    """The real samples of one split, made on demand: the k-th item of a class is its ordinal k."""
+
+    def __init__(self, split: str, items: list[SourceItem]):
+        self.split, self.items = split, items
+        labels = np.fromiter((it.label for it in items), dtype=np.int64, count=len(items))
+        order = np.argsort(labels, kind="stable")
+        sorted_labels = labels[order]
+        starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+        self.ordinals = np.empty(len(items), dtype=np.int64)
+        self.ordinals[order] = np.arange(len(items)) - starts
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def sample(self, p: int) -> "RealSample":
+        it = self.items[p]
+        return RealSample(sample_key(self.split, "real", it.label, int(self.ordinals[p])), it)
+
+
+class _SyntheticSpace:
+    """Every synthetic sample of a plan, class by class, made on demand from its position: a plan at
+    iNaturalist's size (8M samples) holds two integer arrays, not 8M objects."""
+
+    def __init__(self, classes: list["ClassPlan"], recipe_seed: int):
+        self.classes, self.recipe_seed = classes, recipe_seed
+        self.starts = np.cumsum([0] + [c.synthetic for c in classes])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def sample(self, p: int) -> "SyntheticSample":
+        c = int(np.searchsorted(self.starts, p, side="right")) - 1
+        cp, k = self.classes[c], p - int(self.starts[c])
+        # paper B.3: all checkpoints are used, evenly (round-robin over the class's samples)
+        step = cp.token_steps[k % len(cp.token_steps)] if cp.token_steps else -1
+        return SyntheticSample(sample_key("train", "synthetic", cp.index, k), cp.index, k,
+                               sample_seed(self.recipe_seed, cp.index, k), step)
+
+
+class ShardSamples(Sequence):
+    """A shard's samples in shard order, made one at a time from their positions in the plan's sample space."""
+
+    def __init__(self, space, positions: np.ndarray):
+        self.space, self.positions = space, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.space.sample(int(p)) for p in self.positions[i]]
+        return self.space.sample(int(self.positions[i]))
+
+    def __iter__(self):
+        for p in self.positions:
+            yield self.space.sample(int(p))
+
+    def __reduce__(self):
+        # a shard sent to another process carries its own samples, not the whole sample space
+        return (list, (list(self),))
+
+
 @dataclass
 class ShardPlan:
     split: str
     origin: str
     index: int
-    samples: list = field(default_factory=list)
+    samples: Sequence = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
 
     @property
     def name(self) -> str:
@@ -121,9 +189,9 @@ class Plan:
         return [s for s in self.shards if s.split == split and s.origin == origin]
 
 
-def _cut(samples: list, split: str, origin: str, seed: int, max_samples: int, multiple: int) -> list[ShardPlan]:
+def _cut(space, split: str, origin: str, seed: int, max_samples: int, multiple: int) -> list[ShardPlan]:
     """Global seeded permutation cut into near-equal shards, so every shard mixes classes."""
-    n = len(samples)
+    n = len(space)
     if n == 0:
         return []
     count = math.ceil(n / max_samples)
@@ -132,7 +200,7 @@ def _cut(samples: list, split: str, origin: str, seed: int, max_samples: int, mu
     shards = []
     for j in range(count):
         lo, hi = j * n // count, (j + 1) * n // count
-        shards.append(ShardPlan(split, origin, j, [samples[i] for i in order[lo:hi]]))
+        shards.append(ShardPlan(split, origin, j, ShardSamples(space, order[lo:hi])))
     return shards
 
 
@@ -154,24 +222,10 @@ def make_plan(recipe: Recipe, index: SourceIndex) -> Plan:
     for split in ("train", "test"):
         if split not in index.items:
             continue
-        ordinal: dict[int, int] = {}
-        reals = []
-        for it in index.items[split]:
-            k = ordinal.get(it.label, 0)
-            ordinal[it.label] = k + 1
-            reals.append(RealSample(sample_key(split, "real", it.label, k), it))
-        shards += _cut(reals, split, "real", recipe.seed, sc.max_samples, sc.num_shards_multiple_of)
-
-    synthetic = []
-    for cp in classes:
-        for k in range(cp.synthetic):
-            # paper B.3: all checkpoints are used, evenly (round-robin over the class's samples)
-            step = cp.token_steps[k % len(cp.token_steps)] if cp.token_steps else -1
-            synthetic.append(
-                SyntheticSample(sample_key("train", "synthetic", cp.index, k), cp.index, k,
-                                sample_seed(recipe.seed, cp.index, k), step)
-            )
-    shards += _cut(synthetic, "train", "synthetic", recipe.seed, sc.max_samples, sc.num_shards_multiple_of)
+        shards += _cut(_RealSpace(split, index.items[split]), split, "real", recipe.seed, sc.max_samples,
+                       sc.num_shards_multiple_of)
+    shards += _cut(_SyntheticSpace(classes, recipe.seed), "train", "synthetic", recipe.seed, sc.max_samples,
+                   sc.num_shards_multiple_of)
     return Plan(classes, shards, strategy)
 
 

@@ -238,7 +238,7 @@ def test_force_deletes_only_the_build_files_and_says_what_it_left(tmp_path, caps
     assert main(["build", str(other), "--out", str(out), "--quiet"]) == 2
     assert "different recipe" in capsys.readouterr().err and (out / "notes.txt").is_file()
     assert main(["build", str(other), "--out", str(out), "--quiet", "--force"]) == 0
-    text = capsys.readouterr().out
+    text = capsys.readouterr().err  # a warning: shown even with --quiet
     assert "left 2 other entries" in text and "notes.txt" in text and "runs" in text
     assert (out / "notes.txt").read_text() == "mine" and (out / "runs" / "log.txt").read_text() == "mine too"
     assert not (out / "quality").exists() and not (out / "prompts").exists()

@@ -84,3 +84,24 @@ def test_strategy_none_plans_no_synthetic_and_single_template_no_steps():
 def test_shard_count_multiple():
     plan = make_plan(recipe(shards={"max_samples": 16, "num_shards_multiple_of": 4}), fake_index([25, 12, 4, 1]))
     assert len(plan.shards_of("train", "synthetic")) == 8
+
+
+def test_a_plan_at_inaturalist_size_holds_no_object_per_sample():
+    """iNaturalist filled to 1,000 is 7.7M synthetic samples; `plan`, `status` and every worker make the
+    plan, so it keeps positions, not samples: 1,000 classes filled to 2,000 (2M samples) stay in tens of MB."""
+    import tracemalloc
+
+    index = fake_index([5] * 1000, test=0)
+    tracemalloc.start()
+    try:
+        plan = make_plan(recipe(fill={"policy": "fill_to", "target": 2000}, shards={"max_samples": 10000}), index)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert plan.num_synthetic == 1000 * 1995
+    assert peak < 64 * 2**20, f"make_plan peaked at {peak / 2**20:.0f} MiB"
+    # and the samples are still all there, made on demand: one shard's worth, with the plan's seeds
+    shard = plan.shards_of("train", "synthetic")[-1]
+    samples = list(shard.samples)
+    assert len(samples) == shard.num_samples > 0 and samples[0] == shard.samples[0]
+    assert all(s.seed == sample_seed(0, s.class_index, s.ordinal) for s in samples[:100])

@@ -12,6 +12,7 @@ so a driver that dies loses nothing: re-running the same command skips what is d
 from __future__ import annotations
 
 import logging
+import os
 import math
 from collections import Counter, deque
 from collections.abc import Callable
@@ -45,7 +46,7 @@ class TaskActor:
     """The body of every actor: one runner, created once, for all the tasks it is given."""
 
     def __init__(self, factory: RunnerFactory, index: int, count: int, gpus_held: float, cpus_held: float,
-                 worker_device: str | None, state_dir: str):
+                 worker_device: str | None, state_dir: str, name: str = "worker"):
         import ray
 
         node_id = ray.get_runtime_context().get_node_id()
@@ -59,6 +60,13 @@ class TaskActor:
             threads, device = cpus_held, worker_device or "cpu"
         self.info = WorkerInfo(index, count, device, max(1, int(threads)))
         self.state_dir = Path(state_dir)
+        # Ray forwards an actor's stderr to the driver: the actor's progress goes to its own log file in
+        # the build folder instead, and the driver prints the build's overall line
+        from fillup_data import progress
+
+        os.environ[progress.ENV_MODE] = "off"
+        progress.silence_library_bars()
+        progress.attach_log(self.state_dir / "logs" / f"ray-{name}-{index:03d}.log")
         self.runner = factory(self.info)
 
     def ready(self) -> WorkerInfo:
@@ -197,7 +205,7 @@ class RayExecutor(Executor):
         for _ in range(max(0, min(wanted, pool.capacity - pool.live))):
             actor = self._actor_class.options(**pool.options).remote(
                 factory, pool.created, pool.capacity, pool.gpus_held, pool.cpus_held, self.worker_device,
-                str(state_dir))
+                str(state_dir), pool.name)
             pool.starting[actor.ready.remote()] = actor
             pool.members.append(actor)
             pool.live += 1

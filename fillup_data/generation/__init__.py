@@ -1,26 +1,24 @@
-"""Synthetic image generation: strategies, seeded class-mixed batches, bad-image retries, preview grids."""
+"""Synthetic image generation: strategies, seeded class-mixed batches, bad-image retries, preview grids.
 
-from fillup_data.generation.generator import (
-    BLACK_THRESHOLD,
-    GeneratedSample,
-    SampleSpec,
-    SyntheticGenerator,
-    build_prompt,
-    is_bad_image,
-)
-from fillup_data.generation.preview import preview_grid
-from fillup_data.generation.strategies import Condition, Conditioning, Strategy, StrategyContext
+The names below load their modules on first use: ``plan``, ``status`` and ``inspect`` reach small
+modules of this package (prompt files, templates) without importing torch (half a gigabyte of memory).
+"""
 
-__all__ = [
-    "BLACK_THRESHOLD",
-    "Condition",
-    "Conditioning",
-    "Strategy",
-    "StrategyContext",
-    "GeneratedSample",
-    "SampleSpec",
-    "SyntheticGenerator",
-    "build_prompt",
-    "is_bad_image",
-    "preview_grid",
-]
+from importlib import import_module
+
+_WHERE = {
+    "BLACK_THRESHOLD": "generator", "GeneratedSample": "generator", "SampleSpec": "generator",
+    "SyntheticGenerator": "generator", "build_prompt": "generator", "is_bad_image": "generator",
+    "preview_grid": "preview",
+    "Condition": "strategies", "Conditioning": "strategies", "Strategy": "strategies", "StrategyContext": "strategies",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

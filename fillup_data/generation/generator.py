@@ -151,7 +151,7 @@ class SyntheticGenerator:
         """Images for ``specs`` in order; bad (black/non-finite) ones retried with seed + 1, + 2, ...
         ``conditions`` (default: the strategy's) pins what each sample is conditioned on, e.g. the
         prompt recorded in a sample's metadata when regenerating it."""
-        from tqdm.auto import tqdm
+        from fillup_data.progress import progress_bar
 
         results: list[GeneratedSample | None] = [None] * len(specs)
         if conditions is None:
@@ -159,7 +159,7 @@ class SyntheticGenerator:
         todo = list(range(len(specs)))
         attempt = 0
         m = self.batch_size
-        bar = tqdm(total=len(specs), desc="generate", unit="img", disable=not progress)
+        bar = progress_bar(len(specs), "generate", "img", enabled=progress)
         try:
             while todo:
                 bad: list[int] = []

@@ -126,7 +126,6 @@ class _ClassState:
     losses: list[float] = field(default_factory=list)
     checkpoints: dict[int, torch.Tensor] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
-    bar: object = None
     _perm_cache: tuple[int, torch.Tensor] | None = None
 
     @property
@@ -407,9 +406,6 @@ class TextualInversionTrainer:
     def _finish_step(self, st: _ClassState, loss: float) -> None:
         st.step += 1
         st.losses.append(loss)
-        if st.bar is not None:
-            st.bar.update(1)
-            st.bar.set_postfix(loss=f"{loss:.4f}")
         if st.step in st.checkpoint_steps:
             st.checkpoints[st.step] = st.token.detach().float().cpu().clone()
             if st.step < st.total_steps:
@@ -460,34 +456,31 @@ class TextualInversionTrainer:
         """Train every job not already complete; returns the token file paths in job order.
 
         Continuous batching: ``classes_per_pass`` slots; a waiting class enters a free slot (its
-        latents encoded and its resume state read then) before the next pass."""
-        from tqdm.auto import tqdm
+        latents encoded and its resume state read then) before the next pass. One progress bar for the
+        whole call, in class-steps (thousands of classes make thousands of bars otherwise)."""
+        from fillup_data.progress import progress_bar
 
         waiting = [job for job in jobs if not is_complete(job.out_path)]
         waiting.reverse()  # pop() takes them in order
         n_slots = self.classes_per_pass if waiting else 1
         slots: list[_ClassState | None] = [None] * n_slots
-        try:
+        total = sum(self.cfg.steps_for(len(job.images)) for job in waiting)
+        finished, count = 0, len(waiting)
+        with progress_bar(total, "invert", "class-step", enabled=self.progress, leave=False) as bar:
             while True:
                 for k in range(n_slots):
                     while slots[k] is None and waiting:
                         st = self._new_state(waiting.pop())
+                        bar.update(st.step)  # resumed from a checkpoint
                         if st.step >= st.total_steps:  # finished before, only its token file was missing
                             self._finalize(st)
+                            finished += 1
                             continue
-                        if self.progress:
-                            st.bar = tqdm(
-                                total=st.total_steps,
-                                initial=st.step,
-                                desc=f"invert {st.job.class_index:05d} {st.job.class_name}"[:48],
-                                unit="step",
-                                position=k if n_slots > 1 else None,
-                                leave=n_slots == 1,
-                            )
                         slots[k] = st
                 if all(st is None for st in slots):
                     break
                 losses = self._train_step(slots)
+                stepped = [loss for loss in losses if loss is not None]
                 for k, (st, loss) in enumerate(zip(list(slots), losses)):
                     if st is None:
                         continue
@@ -500,13 +493,10 @@ class TextualInversionTrainer:
                     self._finish_step(st, loss)
                     if st.step >= st.total_steps:
                         self._finalize(st)
-                        if st.bar is not None:
-                            st.bar.close()
+                        finished += 1
                         slots[k] = None
-        finally:
-            for st in slots:
-                if st is not None and st.bar is not None:
-                    st.bar.close()
+                bar.update(len(stepped))
+                bar.set_postfix_str(f"classes {finished}/{count} done, mean loss {sum(stepped) / len(stepped):.4f}")
         return [Path(job.out_path) for job in jobs]
 
 

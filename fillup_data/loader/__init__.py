@@ -26,21 +26,30 @@ One module per role:
 * :mod:`~fillup_data.loader.stream` -- the ``IterableDataset``, its DataLoader and :func:`make_loader`.
 
 The image transforms are training presets and live in :mod:`fillup_data.train.presets`; they are
-re-exported here so ``from fillup_data.loader import train_transform`` keeps working.
+re-exported here so ``from fillup_data.loader import train_transform`` keeps working. Each name loads
+its module on first use, so reading a train config or a filter does not import torch.
 """
 
-from fillup_data.loader.build import Build, ShardRef
-from fillup_data.loader.dealing import ReadPart
-from fillup_data.loader.samples import IMAGE_EXTENSIONS
-from fillup_data.loader.score_filter import SampleFilter
-from fillup_data.loader.stream import ShardStream, StreamLoader, make_loader
-from fillup_data.loader.training_data import SPLITS, SUBSETS, TrainingData
-from fillup_data.loader.transport import open_shard
-from fillup_data.schema.groups import group_of
-from fillup_data.train.presets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from importlib import import_module
 
-__all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "SPLITS", "SUBSETS", "Build", "ReadPart", "SampleFilter",
-    "ShardRef", "ShardStream", "StreamLoader", "TrainingData", "eval_transform", "group_of", "make_loader",
-    "open_shard", "train_transform",
-]
+_WHERE = {
+    "Build": "fillup_data.loader.build", "ShardRef": "fillup_data.loader.build",
+    "ReadPart": "fillup_data.loader.dealing", "IMAGE_EXTENSIONS": "fillup_data.loader.samples",
+    "SampleFilter": "fillup_data.loader.score_filter", "ShardStream": "fillup_data.loader.stream",
+    "StreamLoader": "fillup_data.loader.stream", "make_loader": "fillup_data.loader.stream",
+    "SPLITS": "fillup_data.loader.training_data", "SUBSETS": "fillup_data.loader.training_data",
+    "TrainingData": "fillup_data.loader.training_data", "open_shard": "fillup_data.loader.transport",
+    "group_of": "fillup_data.schema.groups", "IMAGENET_MEAN": "fillup_data.train.presets",
+    "IMAGENET_STD": "fillup_data.train.presets", "eval_transform": "fillup_data.train.presets",
+    "train_transform": "fillup_data.train.presets",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value

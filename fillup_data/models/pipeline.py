@@ -37,9 +37,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def cache_dir() -> Path:
     """``$FILLUP_CACHE/models`` or ``~/.cache/fillup-data/models``."""
-    root = os.environ.get("FILLUP_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "fillup-data"
-    return base / "models"
+    from fillup_data.cache import cache_dir as kind_dir
+
+    return kind_dir("models")
 
 
 # The shipped toyworld pipeline folder (``builtin:toyworld``), in the demo wing beside the code that trains it.
@@ -174,6 +174,9 @@ def load_pipeline(
     if safety_checker and not has_checker:
         raise FillupError(f"generator.safety_checker: true, but a {pipeline_class} has no safety checker; set it to false")
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if has_checker and not safety_checker else {}
+    from fillup_data.progress import quiet_loading
+
+    quiet_loading()  # diffusers' "Loading pipeline components" bar has no switch of its own
     try:
         pipe = cls.from_pretrained(path, revision=revision, **_dtype_kwarg(torch_dtype), **kwargs)
     except (OSError, ValueError) as err:

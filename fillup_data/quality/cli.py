@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fillup_data.quality.clip_model import DEFAULT_CLIP_MODEL, TINY_CLIP
-from fillup_data.quality.scoring import NEAR_COPY
+from fillup_data.schema.scores import DEFAULT_CLIP_MODEL, NEAR_COPY, TINY_CLIP
 
 
 def register(subparsers) -> None:
@@ -29,7 +28,6 @@ def register(subparsers) -> None:
     p.add_argument("--classifier-resize", type=int, default=256, help="with --classifier-arch: short side resize")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_score)
 
     p = subparsers.add_parser(
@@ -39,7 +37,6 @@ def register(subparsers) -> None:
     p.add_argument("--near-copy", type=float, default=NEAR_COPY,
                    help="real_similarity at or above which a synthetic image counts as a near-copy")
     p.add_argument("--per-class", type=int, default=8, help="best and worst images shown per class")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_quality)
 
 

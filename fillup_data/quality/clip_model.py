@@ -16,8 +16,8 @@ from fillup_data.models.built_folder import folder_digests
 
 from fillup_data.errors import FillupError
 
-DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
-TINY_CLIP = "builtin:tiny-clip"
+from fillup_data.schema.scores import DEFAULT_CLIP_MODEL, TINY_CLIP  # noqa: E402,F401  (defined once there)
+
 # The tiny model's architecture: 32 px images, 32-dim features; bump the folder name when it changes.
 TINY_CLIP_FOLDER = "tiny-clip-v1"
 TINY_CLIP_SEED = 0

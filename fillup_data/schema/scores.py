@@ -15,6 +15,11 @@ from typing import Any
 
 # The prompt whose CLIP text features ``clip_score`` compares each image with.
 CLIP_PROMPT = "a photo of a {class_name}"
+# The CLIP model ``score`` uses unless told otherwise, and the offline tiny one (seeded random weights).
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+TINY_CLIP = "builtin:tiny-clip"
+# real_similarity at or above which the summary and the quality report count a synthetic image as a near-copy
+NEAR_COPY = 0.95
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class FileState:
         return None if data is None else cls(int(data[0]), int(data[1]), str(data[2]))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceItem:
     """One real image: its label, where it came from, and how to load it."""
 
@@ -120,6 +120,11 @@ class Source:
         """(size, mtime) of an item's file now, or None; only file-backed sources have files."""
         return None
 
+    def file_stat_quick(self, item_locator: str) -> FileState | None:
+        """Like ``file_stat`` in one ``stat`` call, following links without checking where they lead:
+        for telling quickly that a file is as recorded (``file_stat`` decides the rest)."""
+        return self.file_stat(item_locator)
+
     def file_read(self, item_locator: str) -> FileState | None:
         """Like ``file_stat`` with the content hash (reads the file, does not decode it)."""
         return None
@@ -154,6 +159,13 @@ class FileSource(Source):
             real = resolve_in_root(self.root, item_locator)
             st = os.stat(real)
         except (ImageLoadError, OSError):
+            return None
+        return FileState(st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+    def file_stat_quick(self, item_locator: str) -> FileState | None:
+        try:
+            st = os.stat(os.path.join(self.root, item_locator))
+        except (OSError, ValueError):
             return None
         return FileState(st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from fillup_data.plan import Plan, ShardPlan
 from fillup_data.recipe import Recipe
 from fillup_data.state import completed_shard, save_shard_record, shard_record
@@ -19,8 +17,9 @@ def run_synthetic_shard(recipe: Recipe, plan: Plan, shard: ShardPlan, out: Path,
 
     if completed_shard(out, shard) is not None:
         return {"skipped": True}
-    bar = tqdm(total=len(shard.samples), desc=f"generate {shard.name}", unit="img", disable=not progress,
-               leave=False)
+    from fillup_data.progress import progress_bar
+
+    bar = progress_bar(shard.num_samples, f"generate {shard.name}", "img", enabled=progress, leave=False)
     generator = load_generator()
     rows, _, retries, num_bytes, sha = synthesis.write_synthetic_shard(recipe, plan, shard, out, generator, bar)
     bar.close()

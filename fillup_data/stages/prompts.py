@@ -192,11 +192,11 @@ def make_prompts(recipe: Recipe, plan: Plan, out: Path, classes: list[int], load
                  desc: str = "prompts") -> int:
     """Write ``prompts/NNNNN.json`` for each of ``classes`` not made yet (a build's task, or ``preview``
     for its classes); returns how many were made."""
-    from tqdm.auto import tqdm
+    from fillup_data.progress import track
 
     _remove_stale_temps(out, classes)
     todo = [c for c in classes if not class_done(out, recipe, plan, c)]
     maker = load_maker() if todo else None
-    for c in tqdm(todo, desc=desc, unit="class", disable=not progress, leave=False):
+    for c in track(todo, desc=desc, unit="class", enabled=progress, leave=False):
         maker.make(c).write(prompt_file_path(out, c))
     return len(todo)

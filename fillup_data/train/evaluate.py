@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
+from fillup_data.progress import track
 
 from fillup_data.errors import FillupError
 from fillup_data.loader import TrainingData, make_loader
@@ -45,7 +45,7 @@ def tally(model: nn.Module, loader, num_classes: int, env: DistEnv, *, amp: bool
     k = min(5, num_classes)
     counts = torch.zeros(3, num_classes, dtype=torch.float64)
     cuda = env.device.type == "cuda"
-    for images, labels in tqdm(loader, total=len(loader), desc="eval", disable=not env.is_main, leave=False):
+    for images, labels in track(loader, total=len(loader), desc="eval", enabled=env.is_main, leave=False):
         images = images.to(env.device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.float16) if (cuda and amp) else nullcontext():
             logits = model(images).float().cpu()

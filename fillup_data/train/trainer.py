@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fillup_data.progress import progress_bar
+
 from fillup_data import __version__
 from fillup_data.errors import FillupError
 from fillup_data.loader import TrainingData, make_loader
@@ -251,10 +253,10 @@ def train(req: TrainRequest, env: DistEnv) -> Path:
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         seen = 0
         t0 = time.perf_counter()
-        bar = tqdm(loader, total=iters, desc=f"stage{req.stage} epoch {epoch + 1}/{stage.epochs}",
-                   disable=not env.is_main, dynamic_ncols=True, leave=False)
+        bar = progress_bar(iters, f"stage{req.stage} epoch {epoch + 1}/{stage.epochs}", "it", enabled=env.is_main,
+                           leave=False)
         lr = stage.lr
-        for it, (images, labels) in enumerate(bar):
+        for it, (images, labels) in enumerate(loader):
             lr = learning_rate(stage, epoch, it, iters)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -278,8 +280,9 @@ def train(req: TrainRequest, env: DistEnv) -> Path:
                     raise FillupError(
                         f"stage {req.stage} epoch {epoch + 1} iteration {it}: the loss is {cur}; lower stage{req.stage}.lr"
                     )
-                bar.set_postfix(loss=f"{cur:.3f}", lr=f"{lr:.2e}",
-                                img_s=f"{seen * env.world_size / (time.perf_counter() - t0):.0f}")
+                bar.set_postfix_str(f"loss={cur:.3f}, lr={lr:.2e}, "
+                                    f"img_s={seen * env.world_size / (time.perf_counter() - t0):.0f}")
+            bar.update(1)
         bar.close()
         if seen == 0:
             raise FillupError(f"stage {req.stage} epoch {epoch + 1}: the loader yielded no batch")
