@@ -47,17 +47,17 @@ class Work:
 def work_of(recipe: Recipe, plan: Plan) -> Work:
     """Exact work of a plan: images to generate, TI class-steps (paper B.3 steps per class that gets a
     token, i.e. has synthetic images to make), real images to pack; and how it is cut into tasks."""
-    inverting = recipe.generator.strategy == "textual_inversion"
-    token_classes = [c for c in plan.classes if inverting and c.synthetic > 0]
-    steps = [recipe.inversion.steps_for(c.real) for c in token_classes]
-    per_task = recipe.inversion.classes_per_task
+    from fillup_data.stages.invert import inversion_groups
+
+    groups = inversion_groups(recipe, plan)  # the build's own tasks
+    tasks = [[recipe.inversion.steps_for(plan.classes[c].real) for c in g] for g in groups]
     return Work(
         synthetic_images=plan.num_synthetic,
-        inversion_class_steps=sum(steps),
-        token_classes=len(token_classes),
+        inversion_class_steps=sum(map(sum, tasks)),
+        token_classes=sum(map(len, groups)),
         real_images=sum(c.real + c.test for c in plan.classes),
-        inversion_tasks=[steps[i : i + per_task] for i in range(0, len(steps), per_task)],
-        generation_tasks=[len(s.samples) for s in plan.shards_of("train", "synthetic")],
+        inversion_tasks=tasks,
+        generation_tasks=[s.num_samples for s in plan.shards_of("train", "synthetic")],
     )
 
 

@@ -164,6 +164,8 @@ class Plan:
     classes: list[ClassPlan]
     shards: list[ShardPlan]
     strategy: str
+    #: per split and origin ("train-synthetic"): the multiple its shard count was made of (recorded in the manifest)
+    shard_multiples: dict[str, int] = field(default_factory=dict)
 
     @property
     def imbalance_factor(self) -> float:
@@ -189,13 +191,31 @@ class Plan:
         return [s for s in self.shards if s.split == split and s.origin == origin]
 
 
-def _cut(space, split: str, origin: str, seed: int, max_samples: int, multiple: int) -> list[ShardPlan]:
+#: the multiples ``shards.num_shards_multiple_of: auto`` tries, largest first: 64 divides the usual
+#: ranks x DataLoader workers (8 x 4, 16 x 4, 64 x 1), 8 the GPUs of one node
+AUTO_SHARD_MULTIPLES = (64, 8)
+
+
+def shard_count(n: int, max_samples: int, multiple) -> tuple[int, int]:
+    """(shards, the multiple used) for ``n`` samples of at most ``max_samples`` per shard. ``auto``: the largest
+    of ``AUTO_SHARD_MULTIPLES`` that keeps shards at least half full, else none (1): a small split is not cut
+    into slivers for the sake of a multiple."""
+    base = math.ceil(n / max_samples)
+    if multiple != "auto":
+        return min(n, math.ceil(base / multiple) * multiple), int(multiple)
+    for m in AUTO_SHARD_MULTIPLES:
+        count = math.ceil(base / m) * m
+        if n / count >= max_samples / 2:
+            return count, m
+    return base, 1
+
+
+def _cut(space, split: str, origin: str, seed: int, max_samples: int, multiple, multiples: dict) -> list[ShardPlan]:
     """Global seeded permutation cut into near-equal shards, so every shard mixes classes."""
     n = len(space)
     if n == 0:
         return []
-    count = math.ceil(n / max_samples)
-    count = min(n, math.ceil(count / multiple) * multiple)
+    count, multiples[f"{split}-{origin}"] = shard_count(n, max_samples, multiple)
     order = np.random.default_rng([seed, 7, _SPLIT_CODE[split], _ORIGIN_CODE[origin]]).permutation(n)
     shards = []
     for j in range(count):
@@ -219,14 +239,15 @@ def make_plan(recipe: Recipe, index: SourceIndex) -> Plan:
 
     shards: list[ShardPlan] = []
     sc = recipe.shards
+    multiples: dict[str, int] = {}
     for split in ("train", "test"):
         if split not in index.items:
             continue
         shards += _cut(_RealSpace(split, index.items[split]), split, "real", recipe.seed, sc.max_samples,
-                       sc.num_shards_multiple_of)
+                       sc.num_shards_multiple_of, multiples)
     shards += _cut(_SyntheticSpace(classes, recipe.seed), "train", "synthetic", recipe.seed, sc.max_samples,
-                   sc.num_shards_multiple_of)
-    return Plan(classes, shards, strategy)
+                   sc.num_shards_multiple_of, multiples)
+    return Plan(classes, shards, strategy, multiples)
 
 
 def format_group_table(plan: Plan) -> str:

@@ -342,8 +342,10 @@ class InversionConfig(_Strict):
         "that finishes leaves its slot to the next. auto: from free GPU memory on CUDA (pinned once per build), "
         "1 on CPU"
     )
-    classes_per_task: int = Field(
-        64, ge=1, description="classes per inversion task (the unit a worker claims); fixed slices of the plan"
+    classes_per_task: AutoOrPositive = Field(
+        "auto", description="classes per inversion task (the unit a worker claims). auto: tasks of about 64 "
+        "classes with equal class-steps, as many as a multiple of 8 when there are enough classes, so that "
+        "`--gpus N` is not held up by one long task; an integer: fixed slices of the plan's class order"
     )
     compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile of the UNet; auto = on for CUDA
     # keep every pass K classes wide (empty slots padded) so a class's token bytes never depend on its
@@ -380,8 +382,10 @@ class ShardsConfig(_Strict):
     quality: int = Field(95, ge=1, le=100)
     max_samples: int = Field(10000, ge=1)
     resize_short_side: int | None = Field(None, ge=8)
-    num_shards_multiple_of: int = Field(
-        1, ge=1, description="pad the shard count to a multiple of this (streaming splits shards by rank)"
+    num_shards_multiple_of: AutoOrPositive = Field(
+        "auto", description="make each split's shard count a multiple of this, so that ranks x workers divide it "
+        "(datasets' split_dataset_by_node shares shards only then). auto: 64 where shards stay at least half "
+        "max_samples, else 8 on the same condition, else 1 (recorded in the manifest)"
     )
 
 

@@ -520,3 +520,48 @@ def test_generation_rate_and_eta_from_record_times():
     # 3 shards of 10 recorded at t=0, 10, 20: 20 images in 20 s -> 1 image/s; 70 left -> 70 s
     assert rate_and_eta([(20.0, 10), (0.0, 10), (10.0, 10)], 100) == ", 30/100 images, 1.00 images/s, ETA 1m10s"
     assert rate_and_eta([(0.0, 10), (2.0, 40)], 50) == ", 50/50 images, 20.00 images/s"  # finished: no ETA
+
+
+def test_shard_counts_that_divide_among_ranks_are_recorded_and_explained(tmp_path):
+    """auto: 21 real images at most 4 a shard make 8 shards (a multiple of 8: each stays at least half full);
+    the manifest records the multiple and the card tells a user of `split_dataset_by_node` what it means."""
+    out = tmp_path / "out"
+    assert main(["build", str(mini_lt(tmp_path, shards={"max_samples": 4})), "--out", str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sharding"] == {"train-real": {"shards": 8, "multiple_of": 8},
+                                    "test-real": {"shards": 2, "multiple_of": 1}}
+    assert sum(s["split"] == "train" for s in manifest["shards"]) == 8
+    card = (out / "README.md").read_text()
+    assert "train-real 8 (a multiple of 8), test-real 2." in card and "split_dataset_by_node" in card
+
+
+def test_the_index_is_written_a_shard_at_a_time_and_never_half(tmp_path, monkeypatch):
+    """Row groups of bounded size; an error while writing leaves the previous index.parquet as it was."""
+    import pyarrow.parquet as pq
+
+    from fillup_data.schema import sample as sample_schema
+    from fillup_data.shards.index_parquet import IndexWriter, read_index
+
+    out = tmp_path / "out"
+    run_build(parse_recipe(split_file_recipe(_mini_root(tmp_path))), out, workers=1, progress=False,
+              log=lambda *_: None)
+    rows = read_index(out / "index.parquet")
+    before = (out / "index.parquet").read_bytes()
+    monkeypatch.setattr(IndexWriter, "ROW_GROUP", 4)
+    again = tmp_path / "again.parquet"
+    with IndexWriter(again) as writer:
+        for k in range(0, len(rows), 3):
+            writer.write(rows[k:k + 3])
+    assert pq.ParquetFile(again).metadata.num_row_groups == -(-len(rows) // 4)
+    assert read_index(again) == rows and pq.read_schema(again).names == sample_schema.index_schema().names
+    with pytest.raises(RuntimeError), IndexWriter(out / "index.parquet") as writer:
+        writer.write(rows[:5])
+        raise RuntimeError("a shard record went missing")
+    assert (out / "index.parquet").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("index.parquet")) == ["index.parquet"]
+
+
+def _mini_root(tmp_path):
+    root = tmp_path / "data"
+    write_split_file_dataset(root, [12, 6, 3], test_per_class=2)
+    return root

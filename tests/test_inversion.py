@@ -330,11 +330,49 @@ def test_inversion_tasks_are_classes_per_task_slices_whatever_the_pass_width():
 
     from fillup_data.stages.invert import inversion_groups
 
-    plan = SimpleNamespace(classes=[SimpleNamespace(index=i, synthetic=0 if i in (0, 4) else 5) for i in range(10)])
+    plan = SimpleNamespace(classes=[SimpleNamespace(index=i, real=5 + i, synthetic=0 if i in (0, 4) else 5)
+                                    for i in range(10)])
     for per_pass in ("auto", "1", "3", "9"):
         recipe = _demo_recipe("inversion.classes_per_task=3", f"inversion.classes_per_pass={per_pass}")
         assert inversion_groups(recipe, plan) == [[1, 2, 3], [5, 6, 7], [8, 9]]
-    assert inversion_groups(_demo_recipe(), plan) == [[1, 2, 3, 5, 6, 7, 8, 9]]  # default 64 per task
+        auto = _demo_recipe(f"inversion.classes_per_pass={per_pass}")
+        assert inversion_groups(auto, plan) == [[1, 2, 3, 5, 6, 7, 8, 9]]  # auto: one task below 64 classes
+
+
+def _shaped_plan(counts):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(classes=[SimpleNamespace(index=i, real=n, synthetic=1) for i, n in enumerate(counts)])
+
+
+def test_auto_inversion_tasks_cost_the_same_and_divide_among_8_gpus():
+    """ImageNet-LT's shape in class order: 16 slices of 64 classes differ in class-steps, so 8 GPUs wait on
+    the dearest; auto tasks hold every class once, in plan order, with near-equal class-steps."""
+    import numpy as np
+
+    from fillup_data.cost import wall_clock
+    from fillup_data.stages.invert import inversion_groups
+
+    rng = np.random.default_rng(0)
+    counts = list(rng.permutation(np.r_[rng.integers(101, 1281, 385), rng.integers(20, 101, 479),
+                                        rng.integers(5, 20, 136)]))
+    plan = _shaped_plan(counts)
+    recipe = _demo_recipe("inversion.steps_per_image=100", "inversion.min_steps=2000", "inversion.max_steps=10000",
+                          "inversion.checkpoint_every=100")
+    steps = [recipe.inversion.steps_for(n) for n in counts]
+    auto = inversion_groups(recipe, plan)
+    assert len(auto) == 16 and sorted(c for g in auto for c in g) == list(range(1000))
+    assert all(g == sorted(g) and len(g) >= 32 for g in auto)
+    cost = [sum(steps[c] for c in g) for g in auto]
+    assert max(cost) - min(cost) <= max(steps)  # LPT: within one class of each other
+    slices = inversion_groups(_demo_recipe("inversion.classes_per_task=64", "inversion.steps_per_image=100",
+                                           "inversion.min_steps=2000", "inversion.max_steps=10000",
+                                           "inversion.checkpoint_every=100"), plan)
+    even = sum(steps) / 8
+    assert wall_clock(cost, 8) <= 1.01 * even < wall_clock([sum(steps[c] for c in g) for g in slices], 8)
+    # iNaturalist's 8,142 classes: 128 tasks (a multiple of 8); Places-LT's 365: 8 tasks of 45 or 46
+    assert len(inversion_groups(recipe, _shaped_plan([5] * 8142))) == 128
+    assert sorted(len(g) for g in inversion_groups(recipe, _shaped_plan([5] * 365)))[::7] == [45, 46]
 
 
 def test_invert_all_pins_auto_once_and_hands_all_classes_to_one_call(tiny_pipe, tmp_path, monkeypatch):
@@ -362,3 +400,30 @@ def test_invert_all_pins_auto_once_and_hands_all_classes_to_one_call(tiny_pipe, 
     assert [j.class_index for j in calls[1][0]] == [3, 4] and calls[1][1]["classes_per_pass"] == 7
     invert_stage.invert_all(_demo_recipe("inversion.classes_per_pass=2"), plan, index, out, tiny_pipe, False)
     assert calls[2][1]["classes_per_pass"] == 2  # an explicit int is used as given
+
+
+def test_a_task_opens_the_source_once_and_loads_a_class_only_when_it_enters_a_slot(tiny_pipe, tmp_path, monkeypatch):
+    """At iNaturalist's size opening the source parses 460K list lines (0.4 s): once per class it cost most of
+    an hour. And a task's classes hold tens of thousands of decoded photos at ImageNet's size if loaded up
+    front: each class's images are loaded when it enters a slot, after the class before it has finished."""
+    from types import SimpleNamespace
+
+    import fillup_data.stages.invert as invert_stage
+
+    opened, loads = [], []
+    real_open = invert_stage.open_source
+    monkeypatch.setattr(invert_stage, "open_source", lambda recipe: opened.append(1) or real_open(recipe))
+
+    def load(recipe, items, source=None):
+        finished = sorted(p.name for p in (tmp_path / "out" / "tokens").glob("*.safetensors"))
+        loads.append((items[0].label, finished))
+        return draw_class_images(len(items))
+
+    monkeypatch.setattr(invert_stage, "load_class_images", load)
+    plan = SimpleNamespace(classes=[SimpleNamespace(index=i, name=f"c{i}", synthetic=3, real=2) for i in range(3)])
+    index = SimpleNamespace(items={"train": [SimpleNamespace(label=i % 3) for i in range(6)]})
+    recipe = _demo_recipe("inversion.classes_per_pass=1", "inversion.min_steps=2", "inversion.max_steps=2",
+                          "inversion.checkpoint_every=1", "generator.resolution=32")
+    assert invert_stage.invert_all(recipe, plan, index, tmp_path / "out", tiny_pipe, False) == 3
+    assert len(opened) == 1
+    assert loads == [(0, []), (1, ["00000.safetensors"]), (2, ["00000.safetensors", "00001.safetensors"])]

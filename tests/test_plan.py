@@ -36,7 +36,7 @@ def test_groups_paper_thresholds():
 
 def test_plan_counts_checkpoints_and_shards():
     counts = [25, 12, 4, 1]
-    plan = make_plan(recipe(), fake_index(counts))
+    plan = make_plan(recipe(shards={"max_samples": 16, "num_shards_multiple_of": 1}), fake_index(counts))
     assert [c.synthetic for c in plan.classes] == [5, 18, 26, 29]
     assert plan.num_synthetic == 78 and plan.imbalance_factor == 25
     syn = [s for sh in plan.shards_of("train", "synthetic") for s in sh.samples]
@@ -83,7 +83,25 @@ def test_strategy_none_plans_no_synthetic_and_single_template_no_steps():
 
 def test_shard_count_multiple():
     plan = make_plan(recipe(shards={"max_samples": 16, "num_shards_multiple_of": 4}), fake_index([25, 12, 4, 1]))
-    assert len(plan.shards_of("train", "synthetic")) == 8
+    assert len(plan.shards_of("train", "synthetic")) == 8 and plan.shard_multiples["train-synthetic"] == 4
+
+
+def test_auto_shard_counts_divide_among_ranks_without_slivers():
+    """datasets' split_dataset_by_node shares shards across ranks only when the count divides; our loader deals
+    whole shards best when ranks x workers do. auto: a multiple of 64 where shards stay at least half full,
+    else of 8, else as many as max_samples needs."""
+    from fillup_data.plan import shard_count
+
+    assert shard_count(1_184_154, 10_000, "auto") == (128, 64)  # ImageNet-LT synthetic at fill 1,300: 119 -> 128
+    assert shard_count(7_704_487, 10_000, "auto") == (832, 64)  # iNaturalist synthetic at fill 1,000
+    assert shard_count(437_513, 10_000, "auto") == (64, 64)  # iNaturalist real: 44 -> 64 of 6,836
+    assert shard_count(115_846, 10_000, "auto") == (16, 8)  # ImageNet-LT real: 64 would be 1,810 a shard
+    assert shard_count(50_000, 10_000, "auto") == (8, 8)  # ImageNet-LT test
+    assert shard_count(1_038, 500, "auto") == (3, 1)  # the demo: 8 shards of 130 would be slivers
+    assert shard_count(100, 10, 7) == (14, 7)  # an explicit multiple is kept
+    plan = make_plan(recipe(shards={"max_samples": 16}), fake_index([25, 12, 4, 1]))
+    assert plan.shard_multiples == {"train-real": 1, "test-real": 1, "train-synthetic": 8}
+    assert len(plan.shards_of("train", "synthetic")) == 8  # 78 samples: 8 shards of 9-10, at least half of 16
 
 
 def test_a_plan_at_inaturalist_size_holds_no_object_per_sample():

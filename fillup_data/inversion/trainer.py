@@ -66,12 +66,24 @@ _NOT_RESUME_SETTINGS = ("classes_per_pass", "classes_per_task", "compile", "pad_
 
 @dataclass
 class InversionJob:
-    """One class to invert: its images and where its token file goes."""
+    """One class to invert: its images (or how to load them) and where its token file goes.
+
+    ``images`` may be a callable that loads them: a task of 64 ImageNet classes holds tens of thousands of
+    decoded photos otherwise; loaded when the class enters a slot, they are dropped once encoded to latents.
+    ``num_images`` (the plan's count) sizes the progress bar before they are loaded."""
 
     class_index: int
     class_name: str
-    images: list[Image.Image]
+    images: list[Image.Image] | Callable[[], list[Image.Image]]
     out_path: Path
+    num_images: int | None = None
+
+    def load_images(self) -> list[Image.Image]:
+        return list(self.images()) if callable(self.images) else self.images
+
+    @property
+    def expected_images(self) -> int:
+        return self.num_images if self.num_images is not None else len(self.load_images())
 
 
 def partial_path(out_path: Path) -> Path:
@@ -126,11 +138,8 @@ class _ClassState:
     losses: list[float] = field(default_factory=list)
     checkpoints: dict[int, torch.Tensor] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    n_images: int = 0
     _perm_cache: tuple[int, torch.Tensor] | None = None
-
-    @property
-    def n_images(self) -> int:
-        return len(self.job.images)
 
 
 class TextualInversionTrainer:
@@ -207,13 +216,13 @@ class TextualInversionTrainer:
         init = table[torch.tensor(ids, device=table.device)].to(torch.float32).mean(dim=0)
         return init[None].repeat(self.cfg.num_vectors, 1).cpu()
 
-    def _settings(self, job: InversionJob, total_steps: int) -> dict:
+    def _settings(self, job: InversionJob, images: list[Image.Image], total_steps: int) -> dict:
         """Everything that determines the token bytes; a resume state made with other settings is discarded."""
         c = self.cfg
         return {
             "class_index": job.class_index,
-            "n_images": len(job.images),
-            "images_sha256": _images_digest(job.images),
+            "n_images": len(images),
+            "images_sha256": _images_digest(images),
             "steps": total_steps,
             "seed": self.seed,
             "resolution": self.resolution,
@@ -240,16 +249,18 @@ class TextualInversionTrainer:
         return torch.cat(means), torch.cat(stds)
 
     def _new_state(self, job: InversionJob) -> _ClassState | None:
-        if not job.images:
-            raise FillupError(f"class {job.class_index} ({job.class_name!r}): no images to learn a token from")
-        total = self.cfg.steps_for(len(job.images))
-        ckpts = self.cfg.checkpoint_steps(len(job.images))
-        mean, std = self._encode_latents(job.images)
+        images = job.load_images()  # held only until encoded
+        if not images:
+            raise FillupError(f"class {job.class_index} ({job.class_name!r}): no images to learn a token from (none readable)")
+        total = self.cfg.steps_for(len(images))
+        ckpts = self.cfg.checkpoint_steps(len(images))
+        mean, std = self._encode_latents(images)
         token = torch.nn.Parameter(self._init_vectors.clone().to(self.device))
         # weight decay applies to the token rows only (the default 0 keeps them from being pulled to 0)
         opt = torch.optim.AdamW([token], lr=self.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=self.cfg.weight_decay)
         scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        state = _ClassState(job, total, ckpts, mean, std, token, opt, scaler, settings=self._settings(job, total))
+        state = _ClassState(job, total, ckpts, mean, std, token, opt, scaler,
+                            settings=self._settings(job, images, total), n_images=len(images))
         self._maybe_resume(state)
         return state
 
@@ -464,7 +475,7 @@ class TextualInversionTrainer:
         waiting.reverse()  # pop() takes them in order
         n_slots = self.classes_per_pass if waiting else 1
         slots: list[_ClassState | None] = [None] * n_slots
-        total = sum(self.cfg.steps_for(len(job.images)) for job in waiting)
+        total = sum(self.cfg.steps_for(job.expected_images) for job in waiting)
         finished, count = 0, len(waiting)
         with progress_bar(total, "invert", "class-step", enabled=self.progress, leave=False) as bar:
             while True:

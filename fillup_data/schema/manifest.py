@@ -105,6 +105,8 @@ class Manifest(_Record):
     imbalance_factor: float | None = None
     groups: dict | None = None  # {"many_above", "few_below"}
     splits: dict | None = None  # {"train": {"real", "synthetic"}, "test": {"real"}}
+    # per split ("train-synthetic"): {"shards", "multiple_of"}: the count divides among ranks x workers
+    sharding: dict | None = None
     tokens: list[TokenEntry] = field(default_factory=list)
     prompts: list[PromptsEntry] | None = None  # lm_prompts / captions builds: every class's prompts file
     skipped: int = 0
@@ -113,11 +115,11 @@ class Manifest(_Record):
     scores: dict | None = None  # {"clip_model", "classifier", "columns", "identity", ...}
     quality: dict | None = None  # {"report", "files": [{"path", "num_bytes", "sha256", "real_pixels"}], ...}
     extra: dict = field(default_factory=dict, repr=False)
-    _omit_if_none = ("sample_keys", "scores", "quality", "prompts")
+    _omit_if_none = ("sample_keys", "scores", "quality", "prompts", "sharding")
 
     # the order of manifest.json since its first release (sample_keys came later, last)
     _ORDER = ("name", "version", "parent_version", "fingerprint", "package_version", "model", "recipe",
-              "imbalance_factor", "groups", "classes", "splits", "shards", "tokens", "prompts", "skipped",
+              "imbalance_factor", "groups", "classes", "splits", "shards", "sharding", "tokens", "prompts", "skipped",
               "sample_keys", "scores", "quality")
 
     def to_dict(self) -> dict:

@@ -212,6 +212,24 @@ settings and seed. Synthetic sample k of a class used entry k mod n of its list;
 """
 
 
+def _sharding_line(manifest: dict, include_real: bool) -> str:
+    """How the shards divide among training processes (the counts this repo holds)."""
+    counts: dict[str, int] = {}
+    for s in manifest["shards"]:
+        if include_real or s["origin"] != "real":
+            name = f"{s['split']}-{s['origin']}"
+            counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        return ""
+    multiples = {k: v.get("multiple_of", 1) for k, v in (manifest.get("sharding") or {}).items()}
+    listed = ", ".join(f"{name} {n}" + (f" (a multiple of {multiples[name]})" if multiples.get(name, 1) > 1 else "")
+                       for name, n in counts.items())
+    return (f"\nShards: {listed}. `datasets.distributed.split_dataset_by_node` gives each rank shards of its own "
+            "only when the world size divides a split's shard count (otherwise every rank reads every shard and keeps "
+            "one sample in world size); `fillup_data.loader` deals whole shards to ranks x DataLoader workers by "
+            "sample count, and splits samples instead when there are fewer shards than readers.\n")
+
+
 def render_card(manifest: dict, include_real: bool = True, repo_id: str | None = None, body_extra: str = "") -> str:
     meta = card_metadata(manifest, include_real)
     recipe = manifest["recipe"]
@@ -293,7 +311,7 @@ Every sample has `{ext}` (the image), `cls` (class index, a `ClassLabel`) and `j
 sample: `{'`, `'.join(sample_keys_in(manifest))}`. `is_synthetic` flags real vs synthetic; `seed`, `token_step`,
 `prompt`, `guidance_scale` and `num_inference_steps` regenerate any synthetic image; `source_path` names a real image's
 file.
-
+{_sharding_line(manifest, include_real)}
 ## How to load
 
 ```python

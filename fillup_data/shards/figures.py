@@ -67,13 +67,14 @@ def sample_grid(out: Path, manifest: dict, path: Path, per_side: int = 4, cell: 
     from fillup_data.generation.preview import preview_grid
     from fillup_data.shards.index_parquet import read_index
 
+    classes = pick_classes(manifest)
+    # only the picked classes' rows: the whole index is millions of rows at iNaturalist's size
     rows = read_index(out / "index.parquet", columns=["key", "shard", "split", "image_offset", "image_size",
-                                                      "label", "is_synthetic"])
+                                                      "label", "is_synthetic"], filters=[("label", "in", classes)])
     by = {}
     for r in sorted(rows, key=lambda r: r["key"]):
         if r["split"] == "train":
             by.setdefault((r["label"], r["is_synthetic"]), []).append(r)
-    classes = pick_classes(manifest)
     real = {c: [read_stored_image(out, r) for r in by.get((c, False), [])[:per_side]] for c in classes} if include_real else {}
     synthetic = {c: [read_stored_image(out, r) for r in by.get((c, True), [])[: per_side * (1 if include_real else 2)]]
                  for c in classes}

@@ -15,11 +15,10 @@ from fillup_data.shards.writer import encodes_as_utf8, show_undecodable
 from fillup_data.state import replace_durably, unique_temp_path
 
 
-def write_index(path: Path, rows: list[dict]) -> None:
-    schema = sample_schema.index_schema()
+def _table(path: Path, rows: list[dict], schema) -> pa.Table:
     cols = {f.name: [r.get(f.name, 0 if f.name == "retries" else None) for r in rows] for f in schema}
     try:
-        table = pa.table(cols, schema=schema)
+        return pa.table(cols, schema=schema)
     except UnicodeEncodeError:
         key, name, value = next((r["key"], k, v) for r in rows for k, v in r.items()
                                 if isinstance(v, str) and not encodes_as_utf8(v))
@@ -28,7 +27,57 @@ def write_index(path: Path, rows: list[dict]) -> None:
             f"{path}: sample {key}: {name} '{shown}' is not valid UTF-8 (a file name in another encoding?): "
             "rename the file to UTF-8 (e.g. with convmv) and rerun"
         ) from None
-    write_index_table(path, table)
+
+
+class IndexWriter:
+    """Writes ``index.parquet`` a batch of rows at a time (row groups of ``ROW_GROUP`` rows), so a build of
+    millions of samples is indexed with the rows of one shard in memory; renamed into place, durably, only
+    by ``close`` (an error or ``abort`` leaves the old index, if any)."""
+
+    ROW_GROUP = 1 << 16
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.schema = sample_schema.index_schema()
+        self.tmp = unique_temp_path(self.path)
+        self._writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        self._rows: list[dict] = []
+        self.num_rows = 0
+
+    def write(self, rows: list[dict]) -> None:
+        self._rows += rows
+        while len(self._rows) >= self.ROW_GROUP:
+            self._flush(self._rows[: self.ROW_GROUP])
+            del self._rows[: self.ROW_GROUP]
+
+    def _flush(self, rows: list[dict]) -> None:
+        if rows:
+            self._writer.write_table(_table(self.path, rows, self.schema), row_group_size=self.ROW_GROUP)
+            self.num_rows += len(rows)
+
+    def close(self) -> None:
+        try:
+            self._flush(self._rows)
+            self._rows = []
+            self._writer.close()
+            replace_durably(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "IndexWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.abort() if exc_type is not None else self.close()
+
+
+def write_index(path: Path, rows: list[dict]) -> None:
+    with IndexWriter(path) as writer:
+        writer.write(rows)
 
 
 def write_index_table(path: Path, table) -> None:

@@ -14,7 +14,7 @@ from fillup_data.recipe import Recipe
 from fillup_data.schema import sample as sample_schema
 from fillup_data.schema.manifest import ClassEntry, Manifest, PromptsEntry, ShardEntry, TokenEntry
 from fillup_data.shards.card import render_card
-from fillup_data.shards.index_parquet import write_index
+from fillup_data.shards.index_parquet import IndexWriter
 from fillup_data.shards.writer import sha256_file
 from fillup_data.state import completed_shard, forget_shard, verify_shard, write_json_atomic
 
@@ -49,18 +49,21 @@ def prompts_entries(recipe: Recipe, plan: Plan, out: Path) -> list[PromptsEntry]
 
 def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str,
              rewritten: list[str] | None = None) -> dict:
-    records = []
-    for s in plan.shards:
-        rec = completed_shard(out, s)
-        if rec is None:
-            raise FillupError(f"shard {s.path} is not complete; relaunch the build to finish it")
-        records.append(rec)
-    rows = [r for rec in records for r in rec["rows"]]
-    write_index(out / "index.parquet", rows)
-
+    """One shard record in memory at a time: at iNaturalist's size the records' rows are millions of dicts."""
     counts: dict[tuple[str, bool], list[int]] = {}
-    for r in rows:
-        counts.setdefault((r["split"], r["is_synthetic"]), [0] * len(plan.classes))[r["label"]] += 1
+    entries, skipped_in_shards, retries = [], [], 0
+    with IndexWriter(out / "index.parquet") as writer:
+        for s in plan.shards:
+            rec = completed_shard(out, s)
+            if rec is None:  # the writer is aborted: the old index.parquet (if any) stays
+                raise FillupError(f"shard {s.path} is not complete; relaunch the build to finish it")
+            for r in rec["rows"]:
+                counts.setdefault((r["split"], r["is_synthetic"]), [0] * len(plan.classes))[r["label"]] += 1
+            writer.write(rec["rows"])
+            entries.append(ShardEntry(rec["path"], rec["split"], rec["origin"], rec["num_samples"], rec.get("num_bytes"),
+                                      rec.get("sha256"), rec.get("pixel_setup")))
+            skipped_in_shards += rec["skipped"]
+            retries += rec.get("retries", 0)
     zero = [0] * len(plan.classes)
     real, syn, test = counts.get(("train", False), zero), counts.get(("train", True), zero), counts.get(("test", False), zero)
     classes = [
@@ -76,9 +79,8 @@ def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str,
             if dp.is_file():
                 tokens.append(TokenEntry(f"tokens/diffusers/{c.index:05d}.safetensors", c.index, dp.stat().st_size,
                                          sha256_file(dp), format="diffusers"))
-    skipped = index.skipped + [x for rec in records for x in rec["skipped"]]
+    skipped = index.skipped + skipped_in_shards
     prompts = prompts_entries(recipe, plan, out)
-    retries = sum(rec.get("retries", 0) for rec in records)
     record = Manifest(
         name=recipe.name,
         version=recipe.version,
@@ -95,8 +97,9 @@ def assemble(recipe: Recipe, plan: Plan, index: SourceIndex, out: Path, fp: str,
             "train": {"real": sum(real), "synthetic": sum(syn)},
             **({"test": {"real": sum(test)}} if "test" in index.items else {}),
         },
-        shards=[ShardEntry(rec["path"], rec["split"], rec["origin"], rec["num_samples"], rec.get("num_bytes"),
-                           rec.get("sha256"), rec.get("pixel_setup")) for rec in records],
+        shards=entries,
+        sharding={name: {"shards": len([s for s in plan.shards if f"{s.split}-{s.origin}" == name]),
+                         "multiple_of": m} for name, m in plan.shard_multiples.items()},
         tokens=tokens,
         prompts=prompts,
         skipped=len(skipped),

@@ -59,6 +59,7 @@ class BuildRunner:
         self.recipe, self.out, self.progress = recipe, Path(out), progress
         self.worker = worker or WorkerInfo(0, 1)
         self._plan: Plan | None = None
+        self._inversion_groups: list[list[int]] | None = None
         self._index: SourceIndex | None = None
         self._pipe = None
         self._generator = None
@@ -83,6 +84,12 @@ class BuildRunner:
         if self._plan is None:
             self._plan = make_plan(self.recipe, self.index)
         return self._plan
+
+    @property
+    def inversion_groups(self) -> list[list[int]]:
+        if self._inversion_groups is None:  # dealt by cost: computed once, asked for every task
+            self._inversion_groups = inversion_groups(self.recipe, self.plan)
+        return self._inversion_groups
 
     def pipe(self):
         if self._pipe is None:
@@ -118,7 +125,7 @@ class BuildRunner:
             return completed_shard(self.out, self._shard(name)) is not None
         if kind == "invert":
             g = int(name[1:])
-            return group_done(self.out, g, inversion_groups(self.recipe, self.plan)[g])
+            return group_done(self.out, g, self.inversion_groups[g])
         if kind == "prompts":
             g = int(name[1:])
             return prompts_group_done(self.out, self.recipe, self.plan, g, prompt_groups(self.recipe, self.plan)[g])
@@ -134,7 +141,7 @@ class BuildRunner:
         if kind == "invert":
             g = int(name[1:])
             return run_inversion_group(self.recipe, self.plan, self.index, self.out, g,
-                                       inversion_groups(self.recipe, self.plan)[g], self.pipe, self.progress)
+                                       self.inversion_groups[g], self.pipe, self.progress)
         if kind == "prompts":
             g = int(name[1:])
             return run_prompts_group(self.recipe, self.plan, self.out, g, prompt_groups(self.recipe, self.plan)[g],
