@@ -282,8 +282,8 @@ def read_progress(out: str | os.PathLike) -> BuildProgress:
     need_token = [c["index"] for c in plan.get("classes", []) if c.get("synthetic") and c.get("token_steps")]
     tokens = 0
     if need_token:
-        from fillup_data.inversion import is_complete
-        from fillup_data.synthesis import token_path
+        from fillup_data.inversion.completion import is_complete
+        from fillup_data.stages.invert import token_path
 
         tokens = sum(1 for c in need_token if is_complete(token_path(out, c)))
     finished = read_json_record(out / "manifest.json") is not None

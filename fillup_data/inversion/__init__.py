@@ -1,39 +1,24 @@
-"""Textual Inversion: per-class multi-vector tokens learned on a frozen text-to-image model, and token files."""
+"""Textual Inversion: per-class multi-vector tokens learned on a frozen text-to-image model, and token files.
 
-from fillup_data.inversion.token_file import (
-    TokenFile,
-    export_diffusers,
-    is_complete,
-    read_embedding,
-    read_token_file,
-    token_name,
-    write_token_file,
-)
-from fillup_data.inversion.trainer import (
-    TEMPLATES,
-    InversionJob,
-    TextualInversionTrainer,
-    evaluate_token_loss,
-    invert_class,
-    invert_classes,
-    partial_path,
-    preprocess_image,
-)
+Names load their modules on first use: ``is_complete`` (asked by ``status`` for every class) needs no torch.
+"""
 
-__all__ = [
-    "TEMPLATES",
-    "InversionJob",
-    "TextualInversionTrainer",
-    "TokenFile",
-    "evaluate_token_loss",
-    "export_diffusers",
-    "invert_class",
-    "invert_classes",
-    "is_complete",
-    "partial_path",
-    "preprocess_image",
-    "read_embedding",
-    "read_token_file",
-    "token_name",
-    "write_token_file",
-]
+from importlib import import_module
+
+_WHERE = {
+    "is_complete": "completion",
+    **{name: "token_file" for name in ("TokenFile", "export_diffusers", "read_embedding", "read_token_file",
+                                       "token_name", "write_token_file")},
+    **{name: "trainer" for name in ("TEMPLATES", "InversionJob", "TextualInversionTrainer", "evaluate_token_loss",
+                                    "invert_class", "invert_classes", "partial_path", "preprocess_image")},
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from fillup_data.errors import FillupError
+from fillup_data.inversion.completion import FORMAT, META_TYPES, is_complete, step_key  # noqa: F401  (is_complete: header only)
 from fillup_data.state import write_bytes_durably
-
-FORMAT = "fillup-token-v1"
 
 _DTYPES = {
     torch.float32: "F32",
@@ -119,14 +118,11 @@ def describe_steps(steps: list[int]) -> str:
     return f"{steps[0]}, {steps[1]}, ..., {steps[-2]}, {steps[-1]} ({len(steps)} checkpoints)"
 
 
-_META_KEYS = (
-    "class_index", "class_name", "n_images", "steps", "checkpoint_steps", "learning_rate", "weight_decay",
-    "batch_size", "model_id", "model_revision", "init_word", "num_vectors", "seed", "resolution", "loss_curve",
-)  # fmt: skip
+_META_KEYS = tuple(META_TYPES)
 
 
 def _step_key(step: int) -> str:
-    return f"step_{step:05d}"
+    return step_key(step)
 
 
 def write_token_file(path: Path, token: TokenFile) -> Path:
@@ -247,18 +243,6 @@ def read_token_file(path: Path, dim: int | None = None) -> TokenFile:
         loss_curve=[float(x) for x in curve],
         extra=dict(extra),
     )
-
-
-def is_complete(path: Path) -> bool:
-    """True when ``path`` is a whole, readable token file with its final checkpoint (resume skips it)."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        token = read_token_file(path)
-    except FillupError:
-        return False
-    return bool(token.checkpoints) and token.checkpoint_steps[-1] == token.steps
 
 
 def export_diffusers(token_file: Path | TokenFile, step: int, out_path: Path, token_name: str | None = None) -> Path:
