@@ -1,6 +1,7 @@
 """Issue 13: quality scores as index.parquet columns (`score`: resumable after a SIGKILL, a changed model
 recomputes, bad input is a clear error) and the per-class quality report (`quality`), on a tiny build."""
 
+import contextlib
 import hashlib
 import json
 import math
@@ -72,6 +73,23 @@ def shard_shas(out: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "data").glob("*.tar"))}
 
 
+# The CLIP features' last bits depend on torch's thread count, which other test modules set at import
+# (test_loader: 1): the scored build and the subprocesses compared with it byte for byte use this one.
+SCORE_THREADS = 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     """An unscored build (kept pristine: copy it before changing it) and a scored copy of it."""
@@ -79,7 +97,8 @@ def builds(tmp_path_factory):
     pristine = _make_build(root)
     scored = root / "scored"
     shutil.copytree(pristine, scored)
-    assert main(["score", str(scored), *CLIP]) == 0
+    with torch_threads(SCORE_THREADS):
+        assert main(["score", str(scored), *CLIP]) == 0
     return pristine, scored
 
 
@@ -160,12 +179,15 @@ sys.exit(main(sys.argv[1:]))
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(builds, tmp_path):
     pristine, scored = builds
     out = copy_of(pristine, tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(SCORE_THREADS)}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, "score", str(out), *CLIP], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        lines = [proc.stdout.readline().strip() for _ in range(2)]  # the plan line, then the hook's
-        assert lines[1] == "two shards stored", lines
+        # the hook's line (after the plan line, which --quiet leaves out)
+        lines = [proc.stdout.readline().strip()]
+        while lines[-1] != "two shards stored" and len(lines) < 3:
+            lines.append(proc.stdout.readline().strip())
+        assert lines[-1] == "two shards stored", lines
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
     finally:
@@ -175,7 +197,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(builds, tmp_
     resumed = subprocess.run([sys.executable, "-m", "fillup_data.cli", "score", str(out), *CLIP], env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert "2 already scored with this model, 4 to score" in resumed.stdout
+    assert "(4 scored now, 2 reused from .fillup/scores)" in resumed.stdout
     # the same values (NaN included: pandas compares NaN as equal, arrow does not) and the same bytes
     assert pq.read_table(out / "index.parquet").to_pandas().equals(pq.read_table(scored / "index.parquet").to_pandas())
     assert (out / "index.parquet").read_bytes() == (scored / "index.parquet").read_bytes()
@@ -197,18 +219,18 @@ def test_a_classifier_fills_class_confidence_and_a_changed_model_recomputes(buil
     weights = _tiny_cnn_weights(tmp_path / "cnn.safetensors", 3)
     assert main(["score", str(out), *CLIP, "--classifier-arch", "tiny_cnn", "--classifier-weights", str(weights),
                  "--classifier-image-size", "16", "--classifier-resize", "16"]) == 0
-    assert "0 already scored with this model, 6 to score" in capsys.readouterr().out
+    assert "(6 scored now, 0 reused from .fillup/scores)" in capsys.readouterr().out
     conf = pq.read_table(out / "index.parquet", columns=["class_confidence"]).column(0).to_pylist()
     assert all(0 < c <= 1 for c in conf)
     assert json.loads((out / "manifest.json").read_text())["scores"]["classifier"].startswith("tiny_cnn ")
     # the same command again reuses every shard
     assert main(["score", str(out), *CLIP, "--classifier-arch", "tiny_cnn", "--classifier-weights", str(weights),
                  "--classifier-image-size", "16", "--classifier-resize", "16"]) == 0
-    assert "6 already scored with this model, 0 to score" in capsys.readouterr().out
+    assert "(0 scored now, 6 reused from .fillup/scores)" in capsys.readouterr().out
     # another batch size (it decides the last bits) scores every shard again, never mixing the two setups
     assert main(["score", str(out), *CLIP, "--classifier-arch", "tiny_cnn", "--classifier-weights", str(weights),
                  "--classifier-image-size", "16", "--classifier-resize", "16", "--batch-size", "3"]) == 0
-    assert "0 already scored with this model, 6 to score" in capsys.readouterr().out
+    assert "(6 scored now, 0 reused from .fillup/scores)" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["scores"]["batch_size"] == 3
 
 
@@ -294,7 +316,7 @@ def test_report_numbers_files_and_same_bytes_on_rerun(reported):
     for c in summary["classes"]:
         for rel in c["files"].values():
             assert (reported / rel).is_file()
-    assert "](classes/00001-grid.png)" in text and "](scores.png)" in text
+    assert "](classes/000/00001-grid.png)" in text and "](scores.png)" in text
     first = quality_bytes(reported)
     assert main(["quality", str(reported), "--quiet", "--per-class", "3"]) == 0
     assert quality_bytes(reported) == first
@@ -321,9 +343,9 @@ def test_publish_uploads_the_listed_report_and_no_real_pixels_without_real_image
     with_real = {f.path for f in plan_files(reported, manifest, include_real=True)[0]}
     assert {f["path"] for f in manifest["quality"]["files"]} <= with_real
     files = {f.path: f for f in plan_files(reported, manifest, include_real=False)[0]}
-    assert "quality/classes/00001-grid-synthetic.png" in files and "quality/classes/00001-grid.png" not in files
+    assert "quality/classes/000/00001-grid-synthetic.png" in files and "quality/classes/000/00001-grid.png" not in files
     readme = files["quality/README.md"].read().decode()
-    assert "](classes/00001-grid-synthetic.png)" in readme and "](classes/00001-grid.png)" not in readme
+    assert "](classes/000/00001-grid-synthetic.png)" in readme and "](classes/000/00001-grid.png)" not in readme
 
 
 def test_rescoring_with_another_model_unlinks_the_stale_report(reported, tmp_path, capsys):
@@ -367,3 +389,192 @@ def test_a_stored_image_that_is_missing_or_damaged_is_named(builds, tmp_path):
     shard.unlink()
     with pytest.raises(FillupError, match=rf"{shard}: cannot read the image of sample {row['key']}"):
         read_stored_image(out, row)
+
+
+# --------------------------------------------------------------------------- bounded memory at any size
+def test_block_wise_distances_equal_the_full_matrix_formula():
+    """k-NN radii and coverage a block of rows at a time give what the plain [n, n] formula gives."""
+    from fillup_data.quality import metrics
+
+    def full_pairwise(x, y):
+        return np.sqrt(np.clip((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T, 0, None))
+
+    def full_precision_recall(real, fake, k=3):
+        def coverage(points, manifold):
+            radii = np.sort(full_pairwise(manifold, manifold), axis=1)[:, k]
+            return float(np.mean((full_pairwise(points, manifold) <= radii[None, :]).any(axis=1)))
+        return coverage(fake, real), coverage(real, fake)
+
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(230, 16)), rng.normal(size=(170, 16)) + 0.3
+    want_radii = np.sort(full_pairwise(real, real), axis=1)[:, 3]
+    want = full_precision_recall(real, fake)
+    assert 0 < want[0] < 1 and 0 < want[1] < 1  # a case where the balls decide, not 0 or 1
+    for block in (1, 230 * 7 + 5, metrics.BLOCK_DISTANCES):  # one row a block, a ragged last block, one block
+        np.testing.assert_allclose(metrics._radii(real, 3, block), want_radii, rtol=1e-12, atol=1e-12)
+        assert precision_recall(real, fake, block_distances=block) == pytest.approx(want, abs=0)
+    # the default block of the largest pooled set stays within 128 MiB of distances (two matrices live at once)
+    rows = metrics._block_rows(10_000, metrics.BLOCK_DISTANCES)
+    assert 2 * rows * 10_000 * 8 <= 128 * 2**20
+
+
+def test_pooled_fid_from_merged_moments_equals_the_formula_on_every_image():
+    from fillup_data.quality.metrics import PooledMoments, frechet_from_pooled
+
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(700, 6)) + 2, rng.normal(size=(500, 6)) * 1.5
+    pa_, pb_ = PooledMoments(), PooledMoments()
+    for part in np.array_split(a, [1, 3, 200, 450]):  # parts of 1, 2, 197 ... rows, as classes come
+        pa_.add(part)
+    for part in np.array_split(b, 4):
+        pb_.add(part)
+    assert frechet_from_pooled(pa_, pb_) == pytest.approx(frechet_distance(a, b), rel=1e-10)
+
+
+def _scored_build_of_size(scored: Path, dest: Path, n_real: int, n_synthetic: int, *, dim: int = 8,
+                          real_label: int = 0, synthetic_label: int = 2, seed: int = 0):
+    """A copy of the tiny scored build whose index has ``n_real`` real and ``n_synthetic`` synthetic training
+    rows (each pointing at one of the build's stored images) and whose stored scores hold random features:
+    the report's numbers at sizes the tiny build cannot reach, in seconds.  Real rows get ``real_label``,
+    synthetic ones ``synthetic_label`` (class 2 has 2 real images, k=3 precision/recall is not defined there,
+    so no per-class comparison grows quadratic).  Returns the real and synthetic features in index order."""
+    import pyarrow as pa
+
+    from fillup_data.quality.shard_scores import ShardScores, write_shard_scores
+    from fillup_data.schema.manifest import Manifest
+
+    shutil.copytree(scored, dest)
+    shutil.rmtree(dest / ".fillup" / "scores")
+    base = pq.read_table(dest / "index.parquet")
+    rng = np.random.default_rng(seed)
+    n = n_real + n_synthetic
+    synthetic = rng.permutation(np.r_[np.zeros(n_real, bool), np.ones(n_synthetic, bool)])
+    table = base.take(pa.array(np.arange(n) % len(base)))
+    replace = {"key": pa.array([f"k{i:07d}" for i in range(n)]), "split": pa.array(["train"] * n),
+               "is_synthetic": pa.array(synthetic), "label": pa.array(np.where(synthetic, synthetic_label, real_label)),
+               "clip_score": pa.array(rng.random(n)),
+               "real_similarity": pa.array(np.where(synthetic, rng.random(n), np.nan))}
+    for name, values in replace.items():
+        i = table.column_names.index(name)
+        table = table.set_column(i, table.schema.field(i), values.cast(table.schema.field(i).type))
+    pq.write_table(table, dest / "index.parquet")
+    feats = rng.normal(size=(n, dim)).astype(np.float32)
+    feats[synthetic] += 0.25  # the two sets overlap, neither precision nor recall is 0 or 1
+    manifest = Manifest.read(dest / "manifest.json")
+    shards = table.column("shard").to_numpy(zero_copy_only=False)
+    for s in sorted(set(shards)):
+        rows = np.flatnonzero(shards == s)
+        write_shard_scores(dest, s, manifest.shard(s).sha256, manifest.scores["identity"],
+                           ShardScores([f"k{i:07d}" for i in rows], feats[rows], rng.random(len(rows)),
+                                       np.full(len(rows), np.nan)))
+    return feats[~synthetic], feats[synthetic]
+
+
+def test_pooled_precision_recall_uses_a_seeded_sample_above_the_cap(builds, tmp_path):
+    from fillup_data.quality.report import pooled_sample_rows, write_quality_report
+
+    _, scored = builds
+    real, syn = _scored_build_of_size(scored, tmp_path / "b", 700, 900)
+    out = tmp_path / "b"
+    summary = write_quality_report(out, per_class=1, progress=False, pooled_sample=300)
+    o = summary["overall"]
+    assert (o["real"], o["synthetic"], o["sample_real"], o["sample_synthetic"]) == (700, 900, 300, 300)
+    real_pick, syn_pick = pooled_sample_rows(700, 900, 300)
+    assert len(set(real_pick)) == 300 and len(set(syn_pick)) == 300
+    want = precision_recall(real[real_pick], syn[syn_pick])
+    assert (o["precision"], o["recall"]) == (round(want[0], 6), round(want[1], 6))
+    assert o["fid"] == pytest.approx(frechet_distance(syn, real), abs=2e-6)  # FID: every image, not the sample
+    assert "seeded sample of 300 real and 300 synthetic images" in (out / "quality" / "README.md").read_text()
+    # the same sample again (seeded), and another sample when another cap is asked for
+    assert write_quality_report(out, per_class=1, progress=False, pooled_sample=300)["overall"] == o
+    assert write_quality_report(out, per_class=1, progress=False, pooled_sample=301)["overall"] != o
+    # a cap at or above both sets: every image, the plain computation, no sample sentence
+    summary = write_quality_report(out, per_class=1, progress=False, pooled_sample=900)
+    o = summary["overall"]
+    assert (o["sample_real"], o["sample_synthetic"]) == (700, 900)
+    want = precision_recall(real, syn)
+    assert (o["precision"], o["recall"]) == (round(want[0], 6), round(want[1], 6))
+    assert o["fid"] == round(frechet_distance(syn, real), 6)
+    assert "seeded sample" not in (out / "quality" / "README.md").read_text()
+
+
+def test_report_memory_does_not_grow_with_the_image_count(builds, tmp_path):
+    """tracemalloc's peak over the whole report at 12K and 24K training images (pooled cap 2,000): the
+    same to within a small margin.  A full [n, n] distance matrix of the real images alone would be
+    0.3 GB and 1.2 GB."""
+    import tracemalloc
+
+    from fillup_data.quality.report import write_quality_report
+
+    _, scored = builds
+    peaks = []
+    for n in (12_000, 24_000):
+        out = tmp_path / f"b{n}"
+        _scored_build_of_size(scored, out, n // 2, n // 2)
+        tracemalloc.start()
+        try:
+            write_quality_report(out, per_class=1, progress=False, pooled_sample=2000)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[1] < 1.25 * peaks[0] and peaks[1] < 150 * 2**20, [p / 2**20 for p in peaks]
+
+
+def test_no_folder_of_the_report_holds_more_files_than_the_hub_takes():
+    from fillup_data.hub import MAX_FILES_PER_FOLDER
+    from fillup_data.quality.report import class_files
+
+    per_folder: dict[str, set] = {}
+    for index in range(20_001):
+        for path in class_files(index).values():
+            folder, name = path.rsplit("/", 1)
+            per_folder.setdefault(folder, set()).add(name)
+    assert sum(len(v) for v in per_folder.values()) == 3 * 20_001  # every name distinct
+    assert max(len(v) for v in per_folder.values()) <= MAX_FILES_PER_FOLDER
+    assert len(per_folder) <= MAX_FILES_PER_FOLDER and all(f.startswith("quality/classes/") for f in per_folder)
+
+
+def test_figures_drawn_by_worker_processes_are_the_same_bytes(reported, tmp_path, monkeypatch):
+    """Many classes: worker processes draw the per-class figures; the report is byte for byte the one
+    drawn in process (here forced at 3 classes)."""
+    import fillup_data.quality.report as report
+
+    out = copy_of(reported, tmp_path)
+    shutil.rmtree(out / "quality")
+    monkeypatch.setattr(report, "PARALLEL_FIGURES_MIN_CLASSES", 1)
+    report.write_quality_report(out, per_class=3, progress=False, workers=2)
+    assert quality_bytes(out) == quality_bytes(reported)
+
+
+def test_low_rank_fid_is_the_fid_formula():
+    """With fewer images than dimensions the report computes FID from the centred features: by hand, two
+    2-image sets in 3-d have rank-1 covariances u u^T and v v^T, so FID = |mu_a - mu_b|^2 + |u|^2 + |v|^2 -
+    2 |u.v| = 2 + 2 + 4 - 2 * 2 = 4; on random sets it agrees with the covariance formula."""
+    from fillup_data.quality.metrics import frechet_distance_low_rank
+
+    a, b = np.array([[0.0, 0, 0], [2, 0, 0]]), np.array([[0.0, 1, 0], [2, 1, 2]])
+    assert frechet_distance_low_rank(a, b) == pytest.approx(4.0, abs=1e-12)
+    assert frechet_distance(a, b) == pytest.approx(4.0, abs=1e-6)  # the [dim, dim] route: sqrt of rounding noise
+    rng = np.random.default_rng(5)
+    for na, nb, dim in ((3, 40, 64), (30, 500, 64), (200, 300, 16)):
+        x, y = rng.normal(size=(na, dim)), rng.normal(size=(nb, dim)) * 1.2 + 0.1
+        assert frechet_distance_low_rank(x, y) == pytest.approx(frechet_distance(x, y), rel=1e-6)
+    assert math.isnan(frechet_distance_low_rank(a[:1], b))
+
+
+def test_quality_cli_passes_the_pooled_sample_and_its_default_is_the_report_s(builds, tmp_path, capsys):
+    from fillup_data.quality import cli as quality_cli
+    from fillup_data.quality.report import POOLED_SAMPLE
+
+    assert quality_cli.POOLED_SAMPLE == POOLED_SAMPLE
+    _, scored = builds
+    _scored_build_of_size(scored, tmp_path / "b", 40, 50)
+    assert main(["quality", str(tmp_path / "b"), "--quiet", "--per-class", "1", "--pooled-sample", "20",
+                 "--workers", "1"]) == 0
+    summary = json.loads((tmp_path / "b" / "quality" / "summary.json").read_text())
+    assert (summary["pooled_sample"], summary["overall"]["sample_real"], summary["overall"]["sample_synthetic"]) == (20, 20, 20)
+    with pytest.raises(SystemExit):
+        main(["quality", str(tmp_path / "b"), "--pooled-sample", "many"])
+    capsys.readouterr()
+    assert main(["quality", str(tmp_path / "b"), "--quiet", "--pooled-sample", "3"]) == 2
+    assert "--pooled-sample: must be more than k=3 images, got 3" in capsys.readouterr().err

@@ -6,8 +6,12 @@ import argparse
 
 from fillup_data.schema.scores import DEFAULT_CLIP_MODEL, NEAR_COPY, TINY_CLIP
 
+POOLED_SAMPLE = 10_000  # = fillup_data.quality.report.POOLED_SAMPLE (a test holds them equal); no numpy at --help
+
 
 def register(subparsers) -> None:
+    from fillup_data.cli import workers_arg
+
     p = subparsers.add_parser(
         "score", help="add quality scores of every sample to index.parquet (CLIP score, classifier confidence, "
                       "nearest real image)",
@@ -37,6 +41,12 @@ def register(subparsers) -> None:
     p.add_argument("--near-copy", type=float, default=NEAR_COPY,
                    help="real_similarity at or above which a synthetic image counts as a near-copy")
     p.add_argument("--per-class", type=int, default=8, help="best and worst images shown per class")
+    p.add_argument("--pooled-sample", type=int, default=POOLED_SAMPLE, metavar="N",
+                   help=f"the pooled precision/recall (quadratic in the images) compares at most N real and N "
+                        f"synthetic images, a seeded sample (default {POOLED_SAMPLE:,}); FID uses every image")
+    p.add_argument("--workers", type=workers_arg, default=None,
+                   help="processes drawing the per-class figures from 64 classes on (default: the usable CPUs, "
+                        "at most 8)")
     p.set_defaults(func=cmd_quality)
 
 
@@ -58,7 +68,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     from fillup_data.quality.report import REPORT, write_quality_report
 
     summary = write_quality_report(args.out, per_class=args.per_class, near_copy=args.near_copy,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, pooled_sample=args.pooled_sample, workers=args.workers)
     o = summary["overall"]
 
     def fmt(v):

@@ -4,6 +4,8 @@ written as new columns of ``index.parquet`` (the shards are only read).
 Pass 1 scores shard by shard (each result stored under ``.fillup/scores/`` as soon as it is done);
 pass 2 compares every synthetic image with the real training images of its class on the stored
 features; then the index is rewritten atomically and the manifest records what scored the build.
+At millions of images only the real training images' features stay in memory (grouped by class):
+pass 2 reads the synthetic ones back a shard at a time, and the new columns are built as arrays.
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from fillup_data.errors import FillupError
 from fillup_data.fastpath import device_description
 from fillup_data.quality.shard_scores import ShardScores, read_shard_scores, write_shard_scores
 from fillup_data.schema.manifest import Manifest
-from fillup_data.schema.scores import CLIP_PROMPT, SCORE_COLUMNS, SCORE_NAMES
+from fillup_data.schema.scores import CLIP_PROMPT, NEAR_COPY, SCORE_COLUMNS, SCORE_NAMES
 
-NEAR_COPY = 0.95  # real_similarity at or above which the summary counts a synthetic image as a near-copy
+if TYPE_CHECKING:
+    import torch
+
 _ROW_COLUMNS = ["key", "shard", "split", "image_offset", "image_size", "label", "is_synthetic"]
 
 
@@ -32,32 +35,35 @@ class ScoreSummary:
     out: Path
     shards_scored: int
     shards_reused: int
-    rows: list[dict]  # split, is_synthetic and the score values of every row
+    is_synthetic: np.ndarray  # [rows] bool, index order
+    values: dict[str, np.ndarray]  # clip_score, class_confidence, real_similarity of every row, index order
     seconds: float
     scores: dict = field(default_factory=dict)
 
     def format(self) -> str:
-        lines = [f"scored {self.out}: {len(self.rows):,} samples in {self.shards_scored + self.shards_reused} shards "
-                 f"({self.shards_scored} scored now, {self.shards_reused} reused from .fillup/scores) "
+        lines = [f"scored {self.out}: {len(self.is_synthetic):,} samples in {self.shards_scored + self.shards_reused} "
+                 f"shards ({self.shards_scored} scored now, {self.shards_reused} reused from .fillup/scores) "
                  f"in {self.seconds:.1f}s; CLIP {self.scores.get('clip_model')}, classifier "
                  f"{self.scores.get('classifier') or 'none (class_confidence is NaN)'}"]
         for name, synthetic in (("real", False), ("synthetic", True)):
-            sel = [r for r in self.rows if r["is_synthetic"] == synthetic]
-            if not sel:
+            sel = self.is_synthetic == synthetic
+            if not sel.any():
                 continue
-            parts = [f"{name:<10}{len(sel):>8,}"]
+            parts = [f"{name:<10}{int(sel.sum()):>8,}"]
             for col in ("clip_score", "class_confidence", "real_similarity"):
-                v = np.array([r[col] for r in sel], dtype=np.float64)
+                v = self.values[col][sel]
                 if np.isfinite(v).any():
                     parts.append(f"{col} mean {np.nanmean(v):.3f}")
             if synthetic:
-                sim = np.array([r["real_similarity"] for r in sel], dtype=np.float64)
+                sim = self.values["real_similarity"][sel]
                 parts.append(f"near-copies (real_similarity >= {NEAR_COPY}) {int(np.sum(sim >= NEAR_COPY))}")
             lines.append("  ".join(parts))
         return "\n".join(lines)
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch  # here, not at import: `quality` needs this module's refresh_card, not torch (~0.5 GB)
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -73,7 +79,8 @@ def _read_index(out: Path):
         raise FillupError(f"{path}: no index.parquet: is {out} a finished build? Run `fillup-data build ... --out "
                           f"{out}` (or relaunch it) first")
     try:
-        table = pq.read_table(path)
+        # without the score columns of an earlier run: they are replaced (millions of strings and floats)
+        table = pq.read_table(path, columns=[c for c in pq.read_schema(path).names if c not in SCORE_NAMES])
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
         raise FillupError(f"{path}: not a readable parquet file ({err}); relaunch the build to rewrite it") from None
     missing = [c for c in _ROW_COLUMNS if c not in table.column_names]
@@ -112,6 +119,8 @@ def _images(path: Path, rows: list[dict]):
 
 def _score_shard(path: Path, rows: list[dict], clip, text: torch.Tensor, classifier, device, batch_size: int,
                  bar) -> ShardScores:
+    import torch
+
     feats, clip_scores, confidences = [], [], []
     images = _images(path, rows)
     for start in range(0, len(rows), batch_size):
@@ -140,53 +149,92 @@ def scores_identity(clip_identity: str, classifier_identity: str | None, device:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _nearest_real(by_shard: dict[str, ShardScores], rows_by_key: dict[str, dict]) -> dict[str, tuple[float, str]]:
-    """Pass 2: each synthetic row's highest cosine to a real training image of its class, and that image's key."""
-    real: dict[int, tuple[list[np.ndarray], list[str]]] = {}
-    for res in by_shard.values():
-        for i, key in enumerate(res.keys):
-            r = rows_by_key[key]
-            if not r["is_synthetic"] and r["split"] == "train":
-                feats, keys = real.setdefault(r["label"], ([], []))
-                feats.append(res.features[i])
-                keys.append(key)
-    matrices = {c: (np.stack(f), k) for c, (f, k) in real.items()}
-    nearest = {}
-    for res in by_shard.values():
-        syn = [i for i, key in enumerate(res.keys) if rows_by_key[key]["is_synthetic"]]
-        for label in sorted({rows_by_key[res.keys[i]]["label"] for i in syn}):
-            idx = [i for i in syn if rows_by_key[res.keys[i]]["label"] == label]
-            if label not in matrices:
-                continue
-            m, keys = matrices[label]
-            sims = res.features[idx].astype(np.float64) @ m.astype(np.float64).T
-            best = sims.argmax(axis=1)
-            for j, i in enumerate(idx):
-                nearest[res.keys[i]] = (float(sims[j, best[j]]), keys[best[j]])
-    return nearest
+class _RealFeatures:
+    """The CLIP features of the real training images, grouped by class (what pass 2 compares with): one
+    float32 matrix, class ``c`` in ``rows[bounds[c]:bounds[c+1]]``, index order within a class; the only
+    features ``score`` holds beyond one shard's."""
+
+    def __init__(self, label: np.ndarray, real_train: np.ndarray, num_classes: int):
+        rows = np.flatnonzero(real_train)
+        self.rows = rows[np.argsort(label[rows], kind="stable")]  # index rows, by class
+        self.bounds = np.searchsorted(label[self.rows], np.arange(num_classes + 1))
+        self.place = np.full(len(label), -1, np.int64)
+        self.place[self.rows] = np.arange(len(self.rows))
+        self.features: np.ndarray | None = None
+
+    def take(self, rows: np.ndarray, features: np.ndarray) -> None:
+        """Keep the features of a shard's real training rows (``rows``: the shard's index rows, in its order)."""
+        places = self.place[rows]
+        kept = places >= 0
+        if not kept.any():
+            return
+        if self.features is None:
+            self.features = np.zeros((len(self.rows), features.shape[1]), np.float32)
+        self.features[places[kept]] = features[kept]
+
+    def of_class(self, label: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.bounds[label], self.bounds[label + 1]
+        return self.features[lo:hi] if self.features is not None else np.zeros((0, 0), np.float32), self.rows[lo:hi]
 
 
-def _write_scored_index(out: Path, table, columns: dict[str, list]) -> None:
+def _nearest_real(real: _RealFeatures, rows: np.ndarray, label: np.ndarray, synthetic: np.ndarray,
+                  features: np.ndarray, similarity: np.ndarray, nearest: np.ndarray) -> None:
+    """Pass 2 for one shard (``rows``: its index rows, ``features`` in that order): each synthetic row's
+    highest cosine to a real training image of its class into ``similarity``, that image's index row into
+    ``nearest``."""
+    syn = np.flatnonzero(synthetic[rows])
+    syn = syn[np.argsort(label[rows[syn]], kind="stable")]  # by class, shard order within a class
+    labels = label[rows[syn]]
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]]) if len(syn) else np.zeros(0, np.int64)
+    for lo, hi in zip(starts, np.r_[starts[1:], len(syn)]):
+        m, real_rows = real.of_class(int(labels[lo]))
+        if not len(real_rows):
+            continue
+        idx = syn[lo:hi]
+        sims = features[idx].astype(np.float64) @ m.astype(np.float64).T
+        best = sims.argmax(axis=1)
+        similarity[rows[idx]] = sims[np.arange(len(idx)), best]
+        nearest[rows[idx]] = real_rows[best]
+
+
+def _rows_by_shard(path: Path) -> dict[str, np.ndarray]:
+    """Each shard's index rows in index order, from one sort (no per-row Python objects); the shard column is
+    read again as a dictionary, which costs less than encoding millions of strings."""
+    import pyarrow.parquet as pq
+
+    shards = pq.read_table(path, columns=["shard"], read_dictionary=["shard"]).column("shard").combine_chunks()
+    codes = shards.indices.to_numpy(zero_copy_only=False)
+    by_shard = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[by_shard], np.arange(len(shards.dictionary) + 1))
+    return {name: by_shard[bounds[i]:bounds[i + 1]] for i, name in enumerate(shards.dictionary.to_pylist())}
+
+
+def _write_scored_index(out: Path, table, columns: dict) -> None:
     import pyarrow as pa
 
     from fillup_data.shards.index_parquet import write_index_table
 
     table = table.drop_columns([c for c in SCORE_NAMES if c in table.column_names])
     for col in SCORE_COLUMNS:
-        table = table.append_column(pa.field(col.name, col.arrow_type), pa.array(columns[col.name], col.arrow_type))
+        values = columns[col.name]
+        values = values.cast(col.arrow_type) if isinstance(values, pa.Array) else pa.array(values, col.arrow_type)
+        table = table.append_column(pa.field(col.name, col.arrow_type), values)
     write_index_table(out / "index.parquet", table)
 
 
 def score_build(out: str | Path, *, clip_model: str, classifier_run: str | None = None,
                 classifier_arch: str | None = None, classifier_weights: str | None = None,
                 classifier_image_size: int = 224, classifier_resize: int = 256, device: str = "auto",
-                batch_size: int = 64, progress: bool = True, log: Callable[[str], None] = print) -> ScoreSummary:
-    from tqdm.auto import tqdm
+                batch_size: int = 64, progress: bool = True, log: Callable[[str], None] | None = None) -> ScoreSummary:
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
+    from fillup_data.progress import note, progress_bar, track
     from fillup_data.quality.classifier import classifier_from_run, classifier_from_weights
     from fillup_data.quality.clip_model import load_clip
     from fillup_data.state import STATE_DIR, BuildLock
 
+    log = log or note
     t0 = time.time()
     out = Path(out)
     if batch_size < 1:
@@ -201,11 +249,13 @@ def score_build(out: str | Path, *, clip_model: str, classifier_run: str | None 
         manifest = Manifest.read(out / "manifest.json")
         table = _read_index(out)
         names = [c.name for c in sorted(manifest.classes, key=lambda c: c.index)]
-        rows = table.select(_ROW_COLUMNS).to_pylist()
-        bad = next((r for r in rows if not 0 <= r["label"] < len(names)), None)
-        if bad is not None:
-            raise FillupError(f"{out / 'index.parquet'}: sample {bad['key']} has class {bad['label']}, the manifest "
-                              f"has {len(names)} classes; relaunch the build")
+        label = table.column("label").to_numpy().astype(np.int64)
+        bad = np.flatnonzero((label < 0) | (label >= len(names)))
+        if len(bad):
+            raise FillupError(f"{out / 'index.parquet'}: sample {table.column('key')[int(bad[0])].as_py()} has class "
+                              f"{label[bad[0]]}, the manifest has {len(names)} classes; relaunch the build")
+        synthetic = table.column("is_synthetic").to_numpy().astype(bool)
+        real_train = ~synthetic & pc.equal(table.column("split"), "train").fill_null(False).to_numpy()
         classifier = None
         if classifier_run:
             classifier = classifier_from_run(classifier_run, names)
@@ -219,49 +269,60 @@ def score_build(out: str | Path, *, clip_model: str, classifier_run: str | None 
                                    device_description(str(dev)), batch_size)
         text = clip.text_features([CLIP_PROMPT.format(class_name=n) for n in names])
 
-        by_shard_rows: dict[str, list[dict]] = {}
-        for r in rows:
-            by_shard_rows.setdefault(r["shard"], []).append(r)
-        order = [s.path for s in manifest.shards if s.path in by_shard_rows]
-        order += sorted(set(by_shard_rows) - set(order))  # reported as not in the manifest by _shard_file
+        shard_rows = _rows_by_shard(out / "index.parquet")  # shard -> its index rows, in index order
+        order = [s.path for s in manifest.shards if s.path in shard_rows]
+        order += sorted(set(shard_rows) - set(order))  # reported as not in the manifest by _shard_file
         files = {s: _shard_file(out, manifest, s) for s in order}
-        results: dict[str, ShardScores] = {}
+        keys = table.column("key").combine_chunks()  # a take from a chunked column copies all of it, per call
+
+        def shard_keys(s: str) -> list[str]:
+            return keys.take(pa.array(shard_rows[s])).to_pylist()
+
+        # pass 1 keeps of each shard's result only its per-row scores and its real training rows' features
+        clip_score, confidence = np.full(len(table), np.nan), np.full(len(table), np.nan)
+        real = _RealFeatures(label, real_train, len(names))
+
+        def keep(s: str, res: ShardScores) -> None:
+            rows = shard_rows[s]
+            clip_score[rows], confidence[rows] = res.clip_score, res.class_confidence
+            real.take(rows, res.features)
+
         todo = []
         for s in order:
             res = read_shard_scores(out, s, files[s][1], identity)
-            if res is not None and res.keys == [r["key"] for r in by_shard_rows[s]]:
-                results[s] = res
+            if res is not None and res.keys == shard_keys(s):
+                keep(s, res)
             else:
                 todo.append(s)
-        log(f"{len(order)} shard(s): {len(results)} already scored with this model, {len(todo)} to score "
+            del res
+        log(f"{len(order)} shard(s): {len(order) - len(todo)} already scored with this model, {len(todo)} to score "
             f"on {dev}")
-        bar = tqdm(total=sum(len(by_shard_rows[s]) for s in todo), desc="score", unit="img",
-                   disable=not progress or not todo)
+        bar = progress_bar(sum(len(shard_rows[s]) for s in todo), "score", "img", enabled=progress and bool(todo))
         scored = 0
+        row_table = table.select(_ROW_COLUMNS).combine_chunks() if todo else None
         with bar:
             for s in todo:
-                res = _score_shard(files[s][0], by_shard_rows[s], clip, text, classifier, dev, batch_size, bar)
+                rows = row_table.take(pa.array(shard_rows[s])).to_pylist()
+                res = _score_shard(files[s][0], rows, clip, text, classifier, dev, batch_size, bar)
                 write_shard_scores(out, s, files[s][1], identity, res)
-                results[s] = res
+                keep(s, res)
+                del res, rows
                 scored += 1
+        del row_table
 
-        rows_by_key = {r["key"]: r for r in rows}
-        nearest = _nearest_real(results, rows_by_key)
-        values = {}
-        for res in results.values():
-            for i, key in enumerate(res.keys):
-                values[key] = (float(res.clip_score[i]), float(res.class_confidence[i]))
-        columns: dict[str, list] = {c: [] for c in SCORE_NAMES}
-        summary_rows = []
-        for r in rows:
-            clip_score, confidence = values[r["key"]]
-            sim, near = nearest.get(r["key"], (float("nan"), ""))
-            v = {"clip_score": clip_score, "class_confidence": confidence, "real_similarity": sim,
-                 "nearest_real_key": near}
-            for c in SCORE_NAMES:
-                columns[c].append(v[c])
-            summary_rows.append({"split": r["split"], "is_synthetic": r["is_synthetic"], **v})
-        _write_scored_index(out, table, columns)
+        # pass 2: the synthetic rows, a shard at a time, against the real features of their class
+        similarity, nearest = np.full(len(table), np.nan), np.full(len(table), -1, np.int64)
+        for s in track([s for s in order if synthetic[shard_rows[s]].any()], desc="score: nearest real",
+                       unit="shard", enabled=progress):
+            res = read_shard_scores(out, s, files[s][1], identity)
+            if res is None:
+                raise FillupError(f"{out / '.fillup' / 'scores'}: the stored result of {s} vanished or changed "
+                                  f"while scoring; run `fillup-data score {out}` again")
+            _nearest_real(real, shard_rows[s], label, synthetic, res.features, similarity, nearest)
+            del res
+        nearest_key = keys.take(pa.array(nearest, mask=nearest < 0)).fill_null("")
+        values = {"clip_score": clip_score, "class_confidence": confidence, "real_similarity": similarity}
+        _write_scored_index(out, table, {**values, "nearest_real_key": nearest_key})
 
         record = {"clip_model": clip_model, "clip_identity": clip.identity, "prompt": CLIP_PROMPT,
                   "classifier": classifier.description if classifier else None,
@@ -275,7 +336,7 @@ def score_build(out: str | Path, *, clip_model: str, classifier_run: str | None 
         manifest.scores = record
         manifest.write(out / "manifest.json")
         refresh_card(out, manifest)
-    return ScoreSummary(out, scored, len(order) - scored, summary_rows, time.time() - t0, record)
+    return ScoreSummary(out, scored, len(order) - scored, synthetic, values, time.time() - t0, record)
 
 
 def refresh_card(out: Path, manifest: Manifest) -> None:

@@ -44,9 +44,8 @@ def _paths(out: Path, shard: str, shard_sha256: str, identity: str) -> tuple[Pat
 
 def read_shard_scores(out: Path, shard: str, shard_sha256: str, identity: str) -> ShardScores | None:
     """The stored result for this shard content and identity, or None (missing, partial or damaged)."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
-    from fillup_data.shards.writer import sha256_file
     from fillup_data.state import read_json_record
 
     tensors, record = _paths(out, shard, shard_sha256, identity)
@@ -55,9 +54,11 @@ def read_shard_scores(out: Path, shard: str, shard_sha256: str, identity: str) -
             FORMAT, shard, shard_sha256, identity):
         return None
     try:
-        if sha256_file(tensors) != rec.get("file_sha256"):
+        data = tensors.read_bytes()  # one read, hashed then parsed (`score` reads each result twice already)
+        if hashlib.sha256(data).hexdigest() != rec.get("file_sha256"):
             return None
-        t = load_file(str(tensors))
+        t = load(data)
+        del data
     except Exception:  # noqa: BLE001 - a damaged result is recomputed, whatever the reader raised
         return None
     keys = rec.get("keys")
