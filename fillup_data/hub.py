@@ -35,10 +35,12 @@ from typing import Any, Callable
 
 from fillup_data.errors import FillupError
 
-# Commits of at most this many files / bytes: a failure loses at most one batch of commit work, and
-# a 1000-shard dataset takes ~20 commits, well under the Hub's ~128 commits/hour (a 429 beyond that
-# is waited out: its Retry-After is honoured).
-MAX_FILES_PER_COMMIT = 50
+# Commits of at most this many files / bytes: a failure loses at most one batch of commit work.  The Hub
+# allows ~128 commits an hour per repo (a 429 beyond that is waited out: its Retry-After is honoured); an
+# iNaturalist-shaped build with a quality report is ~45,000 files (two token files and three report
+# figures per class), 180 commits at 250 files, which is where huggingface_hub's own upload pipeline starts
+# its commit size (it goes up to 1,000 when commits are quick); at 50 files it was 900 commits, 7 hours.
+MAX_FILES_PER_COMMIT = 250
 MAX_BYTES_PER_COMMIT = 50 * 1024**3
 MAX_FILES_PER_FOLDER = 10_000  # the Hub refuses more files in one folder
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
