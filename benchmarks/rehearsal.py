@@ -17,7 +17,7 @@ real recipe (SD 1.5, fill to the paper's target); the build makes ``--synthetic-
 ``builtin:tiny-sd`` (random weights) and a 2-step Textual Inversion per class, so the class count, the real images
 and every per-class code path are the real ones and only the synthetic count and the GPU work are scaled down.
 
-    python benchmarks/rehearsal.py                                   # ImageNet-LT and iNaturalist, scales 0.5 and 1
+    python benchmarks/rehearsal.py          # ImageNet-LT at scales 0.5 and 1, iNaturalist at 1 (~1.5 h on 2 cores)
     python benchmarks/rehearsal.py --shapes imagenet-lt --scales 0.1 --skip ranks train   # a quick look
 
 Writes ``benchmarks/REHEARSAL.md`` (``--results``) with the date, commit, machine and command, and the raw
@@ -290,6 +290,15 @@ with HubServer() as hub:
 """
 
 
+# The default run fits in about an hour and a half on 2 cores: ImageNet-LT at two scales (how each command
+# grows when the images double) and iNaturalist at its real shape (8x the classes, 3.8x the images).
+DEFAULT_SCALES = {"imagenet-lt": (0.5, 1.0), "inat2018": (1.0,)}
+
+
+def scales_of(args, shape_name: str) -> list[float]:
+    return sorted(args.scales if args.scales else DEFAULT_SCALES.get(shape_name, (1.0,)))
+
+
 # --------------------------------------------------------------------------- one shape at one scale
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fillup_data.cli", *args]
@@ -357,7 +366,8 @@ def rehearse(shape_name: str, scale: float, args, work: Path, env: dict, hub_end
                                max(p["stderr_bytes"] for p in polls), max(p["stderr_lines"] for p in polls),
                                max(p["rc"] for p in polls), {"polls": len(polls)}))
     m.extra["summary"] = runner.stdout("build").strip().splitlines()[-4:]
-    if "ranks" not in skip and (args.ranks_at_every_scale or scale == min(args.scales)):
+    if "ranks" not in skip and (args.ranks_at_every_scale or (shape_name == args.shapes[0]
+                                                              and scale == min(scales_of(args, shape_name)))):
         started = [runner.start(f"ranks-{r}", cli("build", str(build_yaml), "--out", str(ranked), "--rank", str(r),
                                                   "--world-size", "2")) for r in range(2)]
         done = [runner.finish(f"ranks-{r}", [], *started[r], timeout=7200) for r in range(2)]
@@ -437,13 +447,16 @@ def _growth(a: float, b: float) -> str:
     return "–" if not a or a <= 0 else f"{b / a:.2f}×"
 
 
-def report(runs: dict, args, started: str, commit: str, elapsed: float) -> str:
+def _command(argv) -> str:
+    return f"`python benchmarks/rehearsal.py {' '.join(argv or [])}`".replace(" `", "`")
+
+
+def report(runs: dict, meta: dict, args, started: str, commit: str, elapsed: float) -> str:
     lines = [
         "# Full-size rehearsal", "",
-        f"`python benchmarks/rehearsal.py {' '.join(args.argv)}`".replace("  ", " "), "",
-        f"Run {started} UTC at commit {commit}, {platform.node() and 'on'} {os.cpu_count()} CPU cores, "
-        f"{_mem_total_gb():.0f} GB RAM, Python {platform.python_version()}, {_versions()}; "
-        f"{elapsed / 60:.1f} minutes in all.", "",
+        f"Last written by {_command(args.argv)}, run {started} UTC at commit {commit} ({elapsed / 60:.1f} minutes), "
+        f"on {os.cpu_count()} CPU cores, {_mem_total_gb():.0f} GB RAM, no GPU, Python {platform.python_version()}, "
+        f"{_versions()}. Each shape's section names the command and commit that measured it.", "",
         "Each row is one command, run as its own process with stderr going to a file (as in a cluster job). "
         "*tree* is the process tree's summed RSS (sampled every 0.2 s: worker pools included), *process* the "
         "largest single process's peak (kernel high-water mark), *own* the command's own process (the build "
@@ -451,8 +464,8 @@ def report(runs: dict, args, started: str, commit: str, elapsed: float) -> str:
         f"Scaled down: synthetic images, {args.synthetic_per_class} per class with `builtin:tiny-sd` at 16 px (the plan rows "
         "use the real recipe's fill and SD 1.5 settings), and Textual Inversion, one step per class from all its images "
         "(every class). Not scaled: classes, real images, per-class files (tokens, diffusers exports). The two-rank build "
-        "runs at the smaller scale only (it is a second build of the same shape); *ranks* sums both ranks' stderr and "
-        "shows the larger rank's memory.", "",
+        "runs at the first shape's smaller scale only (it is a second build of the same shape); *ranks* sums both "
+        "ranks' stderr and shows the larger rank's memory.", "",
     ]
     for shape_name, by_scale in runs.items():
         scales = sorted(by_scale)
@@ -461,6 +474,11 @@ def report(runs: dict, args, started: str, commit: str, elapsed: float) -> str:
                   f"{shape.few} few), {shape.total:,} real training images at scale 1, largest {shape.largest}, "
                   f"smallest {shape.smallest}; {shape.test_per_class} test images per class", "",
                   f"Shape from {shape.source}.", ""]
+        for scale in scales:
+            m = meta.get(shape_name, {}).get(scale) or {}
+            lines.append(f"- x{scale:g}: {_command(m.get('argv'))}, run {m.get('started')} UTC at commit "
+                         f"{m.get('commit')}")
+        lines.append("")
         head = "| command | " + " | ".join(f"x{s:g}: s | tree MB | process MB | own MB | stderr lines"
                                              for s in scales)
         head += " | growth: time / tree MB |" if len(scales) > 1 else " |"
@@ -485,7 +503,28 @@ def report(runs: dict, args, started: str, commit: str, elapsed: float) -> str:
             lines.append(row + " |")
         lines += [""] + _checks(shape_name, by_scale[scales[-1]], by_scale.get(scales[0]) if len(scales) > 1 else None)
         lines += [""] + _details(by_scale[scales[-1]], scales[-1]) + [""]
+    lines += _class_growth(runs)
     return "\n".join(lines) + "\n"
+
+
+def _class_growth(runs: dict) -> list[str]:
+    """Each command at iNaturalist's shape against ImageNet-LT's, both at scale 1: 8.1x the classes, 3.8x the images."""
+    a, b = runs.get("imagenet-lt", {}).get(1.0), runs.get("inat2018", {}).get(1.0)
+    if not a or not b:
+        return []
+    ca, cb = SHAPES["imagenet-lt"], SHAPES["inat2018"]
+    lines = [f"## From ImageNet-LT to iNaturalist (both at scale 1: {cb.classes / ca.classes:.1f}x the classes, "
+             f"{cb.total / ca.total:.1f}x the real images)", "",
+             "| command | ImageNet-LT s | iNaturalist s | time | ImageNet-LT tree MB | iNaturalist tree MB | memory |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for step in STEPS:
+        ma = next((m for m in a if m["step"] == step), None)
+        mb = next((m for m in b if m["step"] == step), None)
+        if ma and mb:
+            lines.append(f"| {step} | {ma['seconds']:.1f} | {mb['seconds']:.1f} | {_growth(ma['seconds'], mb['seconds'])} | "
+                         f"{_fmt_mb(ma['tree_peak_mb'])} | {_fmt_mb(mb['tree_peak_mb'])} | "
+                         f"{_growth(ma['tree_peak_mb'], mb['tree_peak_mb'])} |")
+    return lines + [""]
 
 
 def _checks(shape_name: str, ms: list[dict], smaller: list[dict] | None) -> list[str]:
@@ -544,13 +583,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["imagenet-lt", "inat2018"], choices=sorted(SHAPES))
-    ap.add_argument("--scales", nargs="+", type=float, default=[0.5, 1.0],
-                    help="multipliers of every class's real image count (1 = the real shape)")
+    ap.add_argument("--scales", nargs="+", type=float, default=None,
+                    help="multipliers of every class's real image count (1 = the real shape), for every shape "
+                         f"(default: {', '.join(f'{k} {v}' for k, v in DEFAULT_SCALES.items())}, 1 otherwise)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the shapes and scales of an earlier run in the results JSON that this run does not "
+                         "measure again (each keeps its own commit and command in the report)")
     ap.add_argument("--synthetic-per-class", type=int, default=1,
                     help="synthetic images the build makes per class (scaled down from the real fill)")
     ap.add_argument("--skip", nargs="*", default=[], choices=SKIPPABLE, help="leave these steps out")
     ap.add_argument("--ranks-at-every-scale", action="store_true",
-                    help="build as two ranks at every scale (default: the smallest only: it is a second build)")
+                    help="build as two ranks at every shape and scale (default: the first shape's smallest scale "
+                         "only: it is a second build of the same shape)")
     ap.add_argument("--status-every", type=float, default=20.0, help="seconds between `status` polls during the build")
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, deleted at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -567,6 +611,21 @@ def main(argv: list[str] | None = None) -> int:
     hub = None
     t0 = time.monotonic()
     runs: dict[str, dict[float, list[dict]]] = {}
+    meta: dict[str, dict[float, dict]] = {}
+    results_json = Path(args.results).with_suffix(".json")
+    if args.merge and results_json.is_file():
+        earlier = json.loads(results_json.read_text())
+        for shape_name, by_scale in earlier["runs"].items():
+            for scale, ms in by_scale.items():
+                runs.setdefault(shape_name, {})[float(scale)] = ms
+                meta.setdefault(shape_name, {})[float(scale)] = earlier.get("meta", {}).get(shape_name, {}).get(
+                    scale, {k: earlier.get(k) for k in ("started", "commit", "argv")})
+    this_run = {"started": started, "commit": commit, "argv": argv}
+
+    def save() -> None:
+        results_json.write_text(json.dumps(
+            {"runs": {k: {str(s): v for s, v in sorted(d.items())} for k, d in runs.items()},
+             "meta": {k: {str(s): v for s, v in sorted(d.items())} for k, d in meta.items()}}, indent=1))
     try:
         endpoint = None
         if "publish" not in args.skip:
@@ -575,12 +634,11 @@ def main(argv: list[str] | None = None) -> int:
                                    stdout=subprocess.PIPE, stderr=hub_log, text=True, env=env)
             endpoint = hub.stdout.readline().strip()
         for shape_name in args.shapes:
-            for scale in sorted(args.scales):
+            for scale in scales_of(args, shape_name):
                 ms = rehearse(shape_name, scale, args, work, env, endpoint)
                 runs.setdefault(shape_name, {})[scale] = [asdict(m) for m in ms]
-                Path(args.results).with_suffix(".json").write_text(json.dumps(
-                    {"started": started, "commit": commit, "argv": argv, "runs": {k: {str(s): v for s, v in d.items()}
-                                                                                  for k, d in runs.items()}}, indent=1))
+                meta.setdefault(shape_name, {})[scale] = this_run
+                save()
                 if not args.keep:  # the next scale needs the disk more than this one's outputs
                     shutil.rmtree(work / f"{shape_name}-x{scale:g}", ignore_errors=True)
     finally:
@@ -589,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
             hub.wait(timeout=30)
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    text = report(runs, args, started, commit, time.monotonic() - t0)
+    text = report(runs, meta, args, started, commit, time.monotonic() - t0)
     Path(args.results).write_text(text)
     print(f"wrote {args.results} ({(time.monotonic() - t0) / 60:.1f} min)")
     return 0
