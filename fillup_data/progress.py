@@ -168,6 +168,15 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _si(value: float) -> str:
+    """1,962,354,769 -> '1.96 G' (decimal prefixes, as tqdm's unit_scale): byte counts a person can read."""
+    for prefix in ("", "k", "M", "G", "T", "P"):
+        if abs(value) < 999.5 or prefix == "P":
+            return f"{value:.0f}" if not prefix and value == int(value) else f"{value:.3g} {prefix}".rstrip()
+        value /= 1000
+    return f"{value:.3g}"  # pragma: no cover
+
+
 class Progress:
     """A progress bar with tqdm's small interface (``update``, ``set_postfix_str``, ``close``, ``n``,
     ``total``; a context manager): a tqdm bar in ``bars`` mode, time-throttled lines otherwise."""
@@ -175,6 +184,7 @@ class Progress:
     def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", *, enabled: bool = True,
                  leave: bool = True, initial: int = 0, position: int | None = None, unit_scale: bool = False):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self._unit_scale = unit_scale
         self._initial, self._postfix = initial, ""
         self._start = self._last = time.monotonic()
         self._lines = 0
@@ -215,11 +225,12 @@ class Progress:
     def _write(self, now: float, closing: bool = False) -> None:
         elapsed = now - self._start
         rate = (self.n - self._initial) / elapsed if elapsed > 0 else 0.0
+        count = _si if self._unit_scale else "{:,}".format
         if self.total:
-            done = f"{self.n:,}/{self.total:,} {self.unit} ({100 * self.n / self.total:.0f}%)"
+            done = f"{count(self.n)}/{count(self.total)} {self.unit} ({100 * self.n / self.total:.0f}%)"
         else:
-            done = f"{self.n:,} {self.unit}"
-        text = f"{self.desc}: {done}, {rate:,.1f} {self.unit}/s"
+            done = f"{count(self.n)} {self.unit}"
+        text = f"{self.desc}: {done}, {_si(rate) if self._unit_scale else f'{rate:,.1f}'} {self.unit}/s"
         if closing:
             text += f", done in {duration(elapsed)}"
         elif self.total and rate > 0 and self.n < self.total:

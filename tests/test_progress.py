@@ -103,6 +103,16 @@ def test_lines_mode_bar_reports_rate_eta_and_end(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_lines_mode_scales_byte_counts_as_the_bar_does(monkeypatch, capsys):
+    monkeypatch.setenv(progress.ENV_MODE, "lines")
+    monkeypatch.setenv(progress.ENV_INTERVAL, "0")
+    with progress.progress_bar(1_962_354_769, "upload", "B", unit_scale=True) as bar:
+        bar.update(1_829_817_878)
+    line = capsys.readouterr().err.splitlines()[0]
+    assert "upload: 1.83 G/1.96 G B (93%)" in line and " B/s" in line and "1,829" not in line, line
+    assert [progress._si(v) for v in (0, 999, 1000, 12_345, 2.5e9)] == ["0", "999", "1 k", "12.3 k", "2.5 G"]
+
+
 def test_outside_a_terminal_the_libraries_bars_are_off(monkeypatch):
     import diffusers
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
