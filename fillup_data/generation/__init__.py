@@ -4,7 +4,7 @@ The names below load their modules on first use: ``plan``, ``status`` and ``insp
 modules of this package (prompt files, templates) without importing torch (half a gigabyte of memory).
 """
 
-from importlib import import_module
+from fillup_data.lazy import lazy_names
 
 _WHERE = {
     "BLACK_THRESHOLD": "generator", "GeneratedSample": "generator", "SampleSpec": "generator",
@@ -16,9 +16,4 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _WHERE)

@@ -3,7 +3,7 @@
 Names load their modules on first use: ``is_complete`` (asked by ``status`` for every class) needs no torch.
 """
 
-from importlib import import_module
+from fillup_data.lazy import lazy_names
 
 _WHERE = {
     "is_complete": "completion",
@@ -16,9 +16,4 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _WHERE)

@@ -30,7 +30,7 @@ re-exported here so ``from fillup_data.loader import train_transform`` keeps wor
 its module on first use, so reading a train config or a filter does not import torch.
 """
 
-from importlib import import_module
+from fillup_data.lazy import lazy_names
 
 _WHERE = {
     "Build": "fillup_data.loader.build", "ShardRef": "fillup_data.loader.build",
@@ -47,9 +47,4 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _WHERE)
