@@ -493,7 +493,7 @@ def _format_validation_error(err: ValidationError, where: str) -> str:
         loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _KIND_TAGS))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; the README's 'Recipes' section lists every field)"
+            msg = "unknown field (check the spelling; docs/recipes.md lists every field)"
         elif e["type"] == "union_tag_invalid":
             msg = f"unknown source kind; allowed: {', '.join(sorted(_KIND_TAGS))}"
         value = e.get("input")

@@ -4,7 +4,7 @@ Defaults reproduce the paper's ImageNet-LT protocol: Stage I 100 epochs, global 
 momentum 0.9, lr 0.1 x0.1 every 30 epochs, Balanced Softmax; Stage II 30 epochs on real data only,
 lr 1e-3 x0.1 every 10 epochs with 5 warm-up epochs, whole model.  Choices the paper leaves open are
 fields here with the value we picked (weight decay 1e-4, linear per-iteration warm-up, colour
-jitter 0.4, no lr scaling with batch size) and are listed in the README.
+jitter 0.4, no lr scaling with batch size) and are listed in docs/training.md.
 """
 
 from __future__ import annotations
